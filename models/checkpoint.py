@@ -1,0 +1,161 @@
+"""The one checkpoint module (SPEC §4), used by training, evaluation, export and the service.
+
+A checkpoint is a directory::
+
+    config.json        format_version, name, family, arch, input, classes, solver, backprop,
+                       training {...}, metrics {...}
+    model.safetensors  weights only (safetensors: no code, no pickle)
+    model.onnx         optional, written by fpn-export
+
+Files are written to a temporary name and moved into place with ``os.replace``, so a reader never
+sees half a checkpoint. Every failure to load names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .families import create_model
+from .implicit import ImplicitClassifier
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory cannot be read; the message names the file and the problem."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model (eval mode) and the metadata around it."""
+
+    name: str
+    path: Path
+    model: ImplicitClassifier
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+
+def save_checkpoint(
+    model: ImplicitClassifier,
+    directory: str | Path,
+    *,
+    name: str | None = None,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    document = {
+        "format_version": FORMAT_VERSION,
+        "name": name or directory.name,
+        **model.config.to_dict(),
+        "training": training or {},
+        "metrics": metrics or {},
+    }
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
+    _atomic_write(
+        directory / CONFIG_FILE,
+        lambda p: p.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n"),
+    )
+    return directory
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """Parse and check ``config.json`` without touching the weights."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (a checkpoint directory needs {CONFIG_FILE})")
+    try:
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    version = document.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {version!r} is not supported (this build reads {FORMAT_VERSION})"
+        )
+    return document
+
+
+def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the model from ``config.json`` and load ``model.safetensors`` into it (eval mode)."""
+    directory = Path(directory)
+    document = read_config(directory)
+    config_path = directory / CONFIG_FILE
+    model_fields = {k: v for k, v in document.items() if k not in _METADATA_KEYS}
+    try:
+        config = ModelConfig.from_dict(model_fields)
+        model = create_model(config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{config_path}: invalid model config ({exc})") from None
+
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise CheckpointError(f"{weights_path}: missing (weights are stored as {WEIGHTS_FILE})")
+    try:
+        tensors = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights_path}: unreadable or truncated ({exc})") from None
+    _check_tensors(model, tensors, weights_path)
+    model.load_state_dict(tensors, strict=True)
+    model.to(device).eval()
+    return Checkpoint(
+        name=str(document.get("name") or directory.name),
+        path=directory,
+        model=model,
+        training=dict(document.get("training") or {}),
+        metrics=dict(document.get("metrics") or {}),
+    )
+
+
+_METADATA_KEYS = {"format_version", "name", "training", "metrics"}
+
+
+def _check_tensors(model: ImplicitClassifier, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    problems = []
+    if missing := sorted(set(expected) - set(found)):
+        problems.append(f"missing tensors {missing}")
+    if unexpected := sorted(set(found) - set(expected)):
+        problems.append(f"unexpected tensors {unexpected}")
+    problems += [
+        f"{k} has shape {found[k]}, config expects {expected[k]}"
+        for k in sorted(set(found) & set(expected))
+        if found[k] != expected[k]
+    ]
+    if problems:
+        raise CheckpointError(f"{path}: does not match {CONFIG_FILE}: " + "; ".join(problems))
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
