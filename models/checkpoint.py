@@ -96,6 +96,9 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: format_version {version!r} is not supported (this build reads {FORMAT_VERSION})"
         )
+    for key in ("training", "metrics"):
+        if not isinstance(document.get(key) or {}, dict):
+            raise CheckpointError(f"{path}: {key!r} must be a JSON object")
     return document
 
 
@@ -108,7 +111,7 @@ def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu"
     try:
         config = ModelConfig.from_dict(model_fields)
         model = create_model(config)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: torch rejects a shape
         raise CheckpointError(f"{config_path}: invalid model config ({exc})") from None
 
     weights_path = directory / WEIGHTS_FILE
@@ -155,6 +158,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a served checkpoint is read by other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

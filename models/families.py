@@ -64,3 +64,8 @@ def _deq(config: ModelConfig) -> ImplicitClassifier:
 )
 def _explicit(config: ModelConfig) -> ImplicitClassifier:
     return ExplicitClassifier(config)
+
+
+# The families of the other seeds live in their own modules and register themselves on import
+# (at the bottom: each imports ``register_family`` from this module).
+from . import cdeq, linf, opteq, skip_deq  # noqa: E402, F401

@@ -100,6 +100,11 @@ class ImplicitClassifier(nn.Module):
         for m in self.contraction_maps():
             m.tighten(steps)
 
+    def finalize(self) -> None:
+        """Make the model ready to be evaluated and saved: converge its spectral-norm estimates.
+        Families that record derived quantities (certificates, bounds) extend this."""
+        self.tighten_lipschitz()
+
     # --- running ---------------------------------------------------------------------------
     @torch.no_grad()
     def predict(

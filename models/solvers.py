@@ -57,7 +57,10 @@ class SolverStats:
 def relative_residual(fz: Tensor, z: Tensor) -> Tensor:
     """``‖f(z) − z‖ / max(‖f(z)‖, 1e-12)`` per row of the flattened batch: (B, ...) -> (B,)."""
     fz_flat, z_flat = fz.reshape(fz.shape[0], -1), z.reshape(z.shape[0], -1)
-    return (fz_flat - z_flat).norm(dim=1) / fz_flat.norm(dim=1).clamp_min(EPS)
+    norm = fz_flat.norm(dim=1)
+    res = (fz_flat - z_flat).norm(dim=1) / norm.clamp_min(EPS)
+    # A diverging iterate whose norm overflows is not "residual 0": report it as non-finite.
+    return torch.where(torch.isfinite(norm), res, torch.nan)
 
 
 def per_sample(value: float | int | Tensor, batch: int, dtype: torch.dtype, device) -> Tensor:
@@ -182,7 +185,8 @@ def anderson_solve(
 ) -> tuple[Tensor, SolverStats]:
     """Anderson acceleration (type II) with memory ``m``, mixing ``β`` and Tikhonov ``λ``.
 
-    Each step solves, per sample, ``min_α ‖Σ α_i g_i‖² + λ‖α‖²`` s.t. ``Σ α_i = 1`` over the last
+    Each step solves, per sample, ``min_α ‖Σ α_i g_i‖² + λ min_i ‖g_i‖² ‖α‖²`` s.t. ``Σ α_i = 1``
+    (λ is relative, so the solver is scale-invariant like the residual) over the last
     ``m`` residuals ``g_i = f(x_i) − x_i`` and mixes ``x ← β Σ α_i f(x_i) + (1 − β) Σ α_i x_i``.
     Shapes as :func:`picard_solve`.
 
@@ -218,7 +222,11 @@ def anderson_solve(
             continue
         G = F[:, :used] - X[:, :used]  # (A, used, n) residuals
         gram = torch.bmm(G, G.transpose(1, 2))  # (A, used, used)
-        gram.diagonal(dim1=1, dim2=2).add_(regularization)
+        # λ is relative to the smallest ‖g_i‖² (the residuals' current scale): an absolute λ swamps
+        # the gram as residuals shrink, α tends to uniform weights and Anderson falls behind Picard.
+        diag = gram.diagonal(dim1=1, dim2=2)  # (A, used) ‖g_i‖²
+        scale = diag.amin(1, keepdim=True).clamp_min(torch.finfo(diag.dtype).tiny)  # (A, 1)
+        diag.add_(regularization * scale)
         # Bordered system [[0, 1ᵀ], [1, GGᵀ + λI]] [ν; α] = [1; 0] enforces Σα = 1.
         system = z0.new_zeros(gram.shape[0], used + 1, used + 1)
         system[:, 0, 1:] = 1.0
@@ -226,9 +234,14 @@ def anderson_solve(
         system[:, 1:, 1:] = gram
         rhs = z0.new_zeros(gram.shape[0], used + 1, 1)
         rhs[:, 0] = 1.0
-        alpha = torch.linalg.solve(system, rhs)[:, 1:]  # (A, used, 1)
+        # solve_ex: one sample's singular system (λ = 0, repeated residuals) must not fail the batch.
+        solution, info = torch.linalg.solve_ex(system, rhs)
+        alpha = solution[:, 1:]  # (A, used, 1)
         mixed_f = (alpha * F[:, :used]).sum(1)
         x = mixed_f if mixing == 1.0 else torch.lerp((alpha * X[:, :used]).sum(1), mixed_f, mixing)
+        # A failed or overflowing extrapolation costs that sample a plain step, never a NaN state.
+        ok = (info == 0) & torch.isfinite(x).all(1)  # (A,)
+        x = torch.where(ok[:, None], x, fx)
     return active.out, active.stats()
 
 

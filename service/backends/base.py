@@ -1,0 +1,89 @@
+"""The backend seam: what the batcher hands a backend and what it gets back.
+
+Everything crossing this boundary is numpy, so a backend may be torch, onnxruntime or anything
+else that can run a fixed-point solve with per-sample ``tol`` / ``max_iter``. Backends run on the
+model's single solve thread (never on the event loop); they need not be thread-safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from models import CheckpointError, ModelConfig
+from models.checkpoint import read_config
+
+_METADATA_KEYS = ("format_version", "name", "training", "metrics")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the service knows about a loaded checkpoint, independent of the backend."""
+
+    name: str
+    path: Path
+    config: ModelConfig
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    solvers: tuple[str, ...] = ("picard", "anderson")
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One solve. Shapes: x (B, *input.shape) float32 in [0, 1]; tol (B,) float64;
+    max_iter (B,) int64; one solver for the whole batch."""
+
+    x: np.ndarray
+    tol: np.ndarray
+    max_iter: np.ndarray
+    solver: str
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Per-sample results. probabilities (B, classes) float32; iterations (B,) int64;
+    residual (B,) float (NaN/Inf when a sample diverged); converged (B,) bool;
+    extras: family-specific outputs, each (B, ...) (e.g. ``certified_radius_linf``)."""
+
+    probabilities: np.ndarray
+    iterations: np.ndarray
+    residual: np.ndarray
+    converged: np.ndarray
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """A runtime for one checkpoint: ``load`` once, ``predict`` many times, ``unload`` once."""
+
+    name: ClassVar[str]
+
+    def load(self, path: Path, *, device: str, num_threads: int | None) -> ModelInfo:
+        """Load the checkpoint directory ``path`` on ``device`` (``auto``/``cpu``/``cuda[:N]``)."""
+        ...
+
+    def predict(self, batch: BatchRequest) -> BatchResult:
+        """Solve one batch; samples stop independently (SPEC §5)."""
+        ...
+
+    def unload(self) -> None:
+        """Release the model (memory, device buffers)."""
+        ...
+
+
+def read_model_info(path: Path) -> tuple[str, ModelConfig, dict[str, Any], dict[str, Any]]:
+    """Name, config, training and metrics sections of ``path/config.json`` (no weights read).
+
+    Raises :class:`models.CheckpointError` naming the file when the config is unusable.
+    """
+    document = read_config(path)
+    fields = {k: v for k, v in document.items() if k not in _METADATA_KEYS}
+    try:
+        config = ModelConfig.from_dict(fields)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path / 'config.json'}: invalid model config ({exc})") from None
+    name = str(document.get("name") or path.name)
+    return name, config, dict(document.get("training") or {}), dict(document.get("metrics") or {})

@@ -1,0 +1,97 @@
+"""Native v1 API, health and metrics (SPEC §6): HTTP only, the work is in the handler."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from .metrics import CONTENT_TYPE
+from .routes_common import handler_of, instrumented, json_response, read_body
+from .schemas import ErrorResponse, PredictRequest, PredictResponse
+
+router = APIRouter()
+
+ERRORS = {
+    404: {"model": ErrorResponse, "description": "unknown model"},
+    413: {"model": ErrorResponse, "description": "body over FPN_MAX_BODY_BYTES"},
+    422: {"model": ErrorResponse, "description": "invalid input or parameter"},
+    503: {"model": ErrorResponse, "description": "queue full or not ready (Retry-After)"},
+}
+
+
+def request_body(model) -> dict:
+    """OpenAPI for a body that the route reads itself (no per-element validation)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+            },
+        }
+    }
+
+
+@router.get("/healthz", tags=["health"])
+async def healthz() -> Response:
+    """200 while the process is up."""
+    return json_response({"status": "ok"})
+
+
+@router.get("/readyz", tags=["health"])
+async def readyz(request: Request) -> Response:
+    """200 once every model is loaded and warmed; 503 (with Retry-After) before and while
+    shutting down."""
+    handler = handler_of(request)
+    state = handler.readiness()
+    if state["ready"]:
+        return json_response(state)
+    body = {"error": "not_ready", "message": "models are loading or warming up", **state}
+    return json_response(body, 503, {"Retry-After": "1"})
+
+
+@router.get("/metrics", tags=["health"])
+async def metrics(request: Request) -> Response:
+    """Prometheus text format (SPEC §8)."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/v1/models", tags=["v1"])
+async def list_models(request: Request) -> Response:
+    """Every served model: name, family, device, backend, input shape, classes."""
+    return json_response(handler_of(request).list_models())
+
+
+@router.get("/v1/models/{name}", tags=["v1"], responses={404: ERRORS[404]})
+async def model_metadata(name: str, request: Request) -> Response:
+    """Config, solver defaults, limits and training metrics of one model."""
+    return json_response(handler_of(request).model_metadata(name))
+
+
+@router.post(
+    "/v1/models/{name}/predict",
+    tags=["v1"],
+    response_model=PredictResponse,
+    responses=ERRORS,
+    openapi_extra=request_body(PredictRequest),
+)
+async def predict(name: str, request: Request) -> Response:
+    """Classify a batch with per-request ``tol`` / ``max_iter`` (adaptive depth)."""
+    limit = request.app.state.settings.max_body_bytes
+
+    async def work(handler, received):
+        body = await read_body(request, limit)
+        return await handler.predict(name, body, received)
+
+    return await instrumented(request, "predict", name, work)
+
+
+@router.post("/v1/models/{name}/reload", tags=["admin"])
+async def reload(name: str, request: Request) -> Response:
+    """Reload a model from disk (``Authorization: Bearer $FPN_ADMIN_TOKEN``; 404 when no
+    token is configured, 401 when it is missing or wrong)."""
+    authorization = request.headers.get("authorization")
+
+    async def work(handler, received):
+        return await handler.reload(name, authorization)
+
+    return await instrumented(request, "reload", name, work)
