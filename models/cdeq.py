@@ -140,11 +140,13 @@ def ode_solve(
     Shapes as :func:`models.solvers.picard_solve`: ``z0`` (B, ...), context tensors (B, ...),
     ``tol``/``max_iter`` scalars or (B,). ``method``: ``bosh3`` or ``dopri5``
     (:data:`TABLEAUS`). Every sample has its own step size, accepts or rejects its own steps and
-    stops on its own, so its answer never depends on its batch-mates. Local error tolerances are
-    ``rtol = error_ratio · r`` and ``atol = rtol · rms(f(z))`` with ``r`` the sample's current
-    residual, floored at ``tol``: a step-size controller lets the state drift by about its
-    tolerance, so the residual can reach ``tol`` only if that drift is below it, but the transient
-    needs no accuracy (tight tolerances there would only cost steps). ``first_step`` 1 is the
+    stops on its own, so its answer never depends on its batch-mates. A step is accepted when
+    the RMS of its local error estimate is at most ``error_ratio · max(r, tol) · rms(f(z))``, with
+    ``r`` the sample's current residual, i.e. a fraction of the current RMS derivative
+    ``‖f(z) − z‖``: a step-size controller lets the state drift by about its tolerance, so the
+    residual can reach ``tol`` only if that drift is below it, but the transient needs no accuracy
+    (a fixed tight tolerance would cost steps there). An absolute scale also keeps a diverging
+    step from being accepted because the state it produced is large. ``first_step`` 1 is the
     Picard scale (an Euler step of size 1 is ``z ← f(z)``). ``trace`` rows are indexed by
     evaluation count.
 

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .families import register_family
 from .implicit import FixedPointClassifier, ImplicitClassifier
+from .operators import OperatorFn
 from .options import resolve_options
 
 SKIP_VARIANTS = ("skip", "skip-reg")
@@ -62,15 +63,23 @@ class SkipDEQClassifier(FixedPointClassifier):
         self.skip_weight = float(options["skip_weight"])
         if self.skip_weight < 0:
             raise ValueError(f"skip_weight must be >= 0, got {self.skip_weight}")
+        self._pass_operator: OperatorFn | None = None
         self.predictor: nn.Module | None = None
         if self.variant == "skip":
             self.predictor = _predictor(config)
+
+    def prepare_operator(self) -> OperatorFn:
+        """As the base class, and remembered: skip-reg's ``z0 = T(0; Qx)`` must use this pass's
+        ``T`` (preparing another one in training would step the spectral-norm power iteration,
+        in place, under the graph of the first)."""
+        self._pass_operator = super().prepare_operator()
+        return self._pass_operator
 
     def initial_state(self, x: Tensor, qx: Tensor) -> Tensor:
         """``g(x)`` (skip) or ``T(0; Qx)`` (skip-reg): the shape of the state."""
         if self.predictor is not None:
             return self.predictor(qx)
-        T = self.operator.prepare()
+        T = self._pass_operator or self.prepare_operator()
         return T(torch.zeros_like(qx), qx)
 
     def auxiliary_loss(self, x: Tensor, qx: Tensor, z: Tensor) -> Tensor | None:

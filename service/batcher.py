@@ -113,7 +113,13 @@ class Batcher:
     # --- submitting ---------------------------------------------------------------------------
     @property
     def queued(self) -> int:
+        """Samples waiting."""
         return self._queued
+
+    @property
+    def batches(self) -> int:
+        """Batches started so far."""
+        return self._batch_id
 
     def submit(self, item: WorkItem) -> asyncio.Future[ItemResult]:
         """Queue ``item``; its future resolves to its :class:`ItemResult`.

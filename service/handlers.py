@@ -51,6 +51,7 @@ V2_DTYPES = {
     np.dtype(np.bool_): "BOOL",
 }
 V2_INPUT_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype(np.uint8)}
+CORE_OUTPUTS = ("probabilities", "label", "iterations", "residual", "converged")
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,9 @@ class Handler:
         knobs = self._knobs(runtime, params.tol, params.max_iter, params.solver, params.deadline_ms)
         wanted = _wanted_outputs(request, runtime, params.binary_data_output)
         result = await self._solve(runtime, x, knobs, received)
+        if wanted is None:  # everything: the five outputs and whatever extras the family gave
+            names = [*CORE_OUTPUTS, *sorted(result.extras)]
+            wanted = [(n, params.binary_data_output) for n in names]
         outputs, chunks = [], []
         for output_name, as_binary in wanted:
             array = _v2_output(result, output_name)
@@ -471,14 +475,16 @@ def decode_v2_input(tensor, binary: bytes, spec) -> np.ndarray:
     return check_intensities(array.astype(np.float32, copy=False), spec.shape, what="input")
 
 
-def _wanted_outputs(request, runtime: ModelRuntime, binary_default: bool) -> list[tuple[str, bool]]:
-    available = ["probabilities", "label", "iterations", "residual", "converged"]
-    available += sorted(runtime.extra_outputs)
+def _wanted_outputs(
+    request, runtime: ModelRuntime, binary_default: bool
+) -> list[tuple[str, bool]] | None:
+    """(name, binary) of each requested output, checked before solving; None: all of them."""
     if request.outputs is None:
-        return [(name, binary_default) for name in available]
+        return None
+    available = [*CORE_OUTPUTS, *sorted(runtime.extra_outputs)]
     wanted = []
     for output in request.outputs:
-        if output.name not in available and output.name not in runtime.extra_outputs:
+        if output.name not in available:
             raise InvalidParameter(f"unknown output {output.name!r}; available: {available}")
         flag = (output.parameters or {}).get("binary_data", binary_default)
         wanted.append((output.name, bool(flag)))

@@ -135,26 +135,27 @@ class ModelRuntime:
         log.info("model %s ready on %s (%s)", self.name, self.info.device, self.settings.backend)
 
     async def reload(self) -> ModelInfo:
-        """Load and warm a fresh copy from disk, then swap it in between two batches.
+        """Load and warm a fresh copy from disk on a thread of its own while the current model
+        keeps serving, then swap it in between two batches.
 
-        The old model serves until the swap. A reload may not change the input shape or the
-        classes (requests already queued were checked against them): restart for that.
+        A reload may not change the input shape or the classes (requests already queued were
+        checked against them): restart for that.
         """
         loop = asyncio.get_running_loop()
-        backend, info = await loop.run_in_executor(self.executor, self._load)
-        old = self.info.config
-        if (info.config.input.shape, info.config.classes) != (old.input.shape, old.classes):
-            await loop.run_in_executor(self.executor, backend.unload)
-            raise StartupError(
-                f"{self.path / CONFIG_FILE}: input shape or classes changed; restart the "
-                "service to serve a different interface"
-            )
-        if self.settings.warmup:
-            seconds, iterations = await loop.run_in_executor(
-                self.executor, self._warm, backend, info
-            )
-            self.batcher.observe_cost(seconds, iterations)
+        with ThreadPoolExecutor(1, thread_name_prefix=f"reload-{self.name}") as loader:
+            backend, info = await loop.run_in_executor(loader, self._load)
+            old = self.info.config
+            if (info.config.input.shape, info.config.classes) != (old.input.shape, old.classes):
+                await loop.run_in_executor(loader, backend.unload)
+                raise StartupError(
+                    f"{self.path / CONFIG_FILE}: input shape or classes changed; restart the "
+                    "service to serve a different interface"
+                )
+            if self.settings.warmup:
+                seconds, iterations = await loop.run_in_executor(loader, self._warm, backend, info)
+                self.batcher.observe_cost(seconds, iterations)
         previous, self.backend, self.info = self.backend, backend, info
+        # Queued behind any batch in progress on the solve thread, which still uses `previous`.
         await loop.run_in_executor(self.executor, previous.unload)
         self._publish()
         return info

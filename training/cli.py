@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from models import FAMILIES, SOLVERS, load_checkpoint
+from models import FAMILIES, SOLVERS, CheckpointError, load_checkpoint
 from models.backprop import BACKPROP_MODES
 
 from .data import DATASETS, load_dataset
@@ -26,6 +27,11 @@ def _choice(value: str, choices, what: str) -> str:
     if value not in choices:
         raise typer.BadParameter(f"unknown {what} {value!r}; available: {sorted(choices)}")
     return value
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
 
 
 def _parse_options(pairs: list[str]) -> dict:
@@ -85,7 +91,12 @@ def fpn_train(
         eval_limit=eval_limit, seed=seed, device=device, download=download,
         progress=sys.stderr.isatty(), command=shlex.join(["fpn-train", *sys.argv[1:]]),
     )  # fmt: skip
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports
     if json_output:
         summary = result.summary()
         summary.pop("epochs")
@@ -112,8 +123,11 @@ def fpn_eval(
     if solver is not None:
         _choice(solver, SOLVERS, "solver")
     dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint, device=dev)
-    test_set = load_dataset(dataset, "test", data_dir).subset(limit)
+    try:
+        ckpt = load_checkpoint(checkpoint, device=dev)
+        test_set = load_dataset(dataset, "test", data_dir).subset(limit)
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
     result = evaluate(
         ckpt.model, test_set, tol=tol, max_iter=max_iter, solver=solver, batch_size=batch_size, device=dev
     )

@@ -187,12 +187,16 @@ def dockerignore(repo_root) -> list[str]:
     return [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
 
 
-def test_every_copied_path_exists_and_is_in_the_build_context(dockerfile, dockerignore, repo_root):
+def test_every_copied_path_exists(dockerfile, repo_root):
     sources = copy_sources(dockerfile)
     assert {"pyproject.toml", "README.md", "models/", "service/", "checkpoints/"} <= set(sources)
-    for source in sources:
-        assert (repo_root / source).exists(), f"COPY {source}: not in the repository"
-        assert not dockerignore_excludes(dockerignore, source), f".dockerignore drops {source}"
+    missing = [s for s in sources if not (repo_root / s).exists()]
+    assert not missing, f"COPY sources not in the repository: {missing}"
+
+
+def test_every_copied_path_is_in_the_build_context(dockerfile, dockerignore):
+    dropped = [s for s in copy_sources(dockerfile) if dockerignore_excludes(dockerignore, s)]
+    assert not dropped, f".dockerignore drops COPY sources: {dropped}"
 
 
 @pytest.mark.parametrize(
@@ -264,3 +268,13 @@ def test_shell_scripts_pass_shellcheck(repo_root, tool):
         [shellcheck, "--shell=sh", *map(str, scripts)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ci_install_check_copies_what_the_build_stage_copies(dockerfile, repo_root):
+    script = (repo_root / "deploy" / "check_docker_install.sh").read_text()
+    listed = re.search(r'^BUILD_CONTEXT="([^"]*)"$', script, re.M)
+    assert listed, "deploy/check_docker_install.sh must list BUILD_CONTEXT"
+    build = stage_names(dockerfile)["build"]
+    copied = copy_sources([i for i in dockerfile if i.stage == build])
+    assert sorted(p.rstrip("/") for p in copied) == sorted(listed.group(1).split())
+    assert "VARIANT=cpu" in script and "sh deploy/docker-install.sh all" in script

@@ -90,7 +90,8 @@ def make_model() -> Callable[..., ImplicitClassifier]:
 
 @pytest.fixture
 def make_inputs() -> Callable[..., Tensor]:
-    """``make_inputs(model, batch, seed=1)``: raw [0, 1] inputs (batch, *input.shape), model dtype."""
+    """``make_inputs(model, batch, seed=1)``: raw [0, 1] inputs (batch, *input.shape), in the
+    model's dtype."""
 
     def make(model: ImplicitClassifier, batch: int, *, seed: int = 1) -> Tensor:
         dtype = next(model.parameters()).dtype

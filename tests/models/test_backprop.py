@@ -7,6 +7,8 @@ the loss is a deterministic function of the parameters).
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,12 @@ TIGHT = {"tol": 1e-13, "max_iter": 3000}
 def mlp(make_model):
     """A float64 MLP FPN (eval mode), tight adjoint solves, its inputs and targets."""
     model = make_model(
-        "fpn", "mlp", gamma=GAMMA, width=6, input_shape=(5,), backprop=BackpropConfig(tol=1e-12, max_iter=3000)
+        "fpn",
+        "mlp",
+        gamma=GAMMA,
+        width=6,
+        input_shape=(5,),
+        backprop=BackpropConfig(tol=1e-12, max_iter=3000),
     )
     generator = torch.Generator().manual_seed(3)
     x = torch.rand(4, 5, generator=generator, dtype=torch.float64)
@@ -61,7 +68,9 @@ def _hand_injection(model, x):
 @pytest.mark.parametrize("mode", BACKPROP_MODES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_every_mode_gives_a_finite_gradient_to_every_parameter(make_model, make_inputs, family, kind, mode):
+def test_every_mode_gives_a_finite_gradient_to_every_parameter(
+    make_model, make_inputs, family, kind, mode
+):
     model = make_model(family, kind, dtype=torch.float32, train=True)
     x, y = make_inputs(model, 4), torch.tensor([0, 1, 2, 0])
     out = model(x, backprop=mode, tol=1e-4, max_iter=30)
@@ -153,7 +162,9 @@ def test_ift_gradient_matches_finite_differences(mlp, solver):
     for _ in range(3):
         direction = torch.randn(grad.shape, generator=generator, dtype=torch.float64)
         direction /= direction.norm()
-        numeric = (_loss_at(model, x, y, h * direction) - _loss_at(model, x, y, -h * direction)) / (2 * h)
+        numeric = (_loss_at(model, x, y, h * direction) - _loss_at(model, x, y, -h * direction)) / (
+            2 * h
+        )
         analytic = (grad @ direction).item()
         assert analytic == pytest.approx(numeric, rel=1e-3, abs=1e-7)
 
@@ -177,7 +188,7 @@ def test_neumann_approaches_ift_as_terms_grow(mlp):
     for terms in (1, 2, 5, 20, 80):
         model.config = model.config.replace(backprop=BackpropConfig(neumann_terms=terms))
         errors.append(_relative_error(_grads(model, x, y, "neumann"), ift))
-    assert all(a > b for a, b in zip(errors, errors[1:-1], strict=False)), errors
+    assert all(a > b for a, b in itertools.pairwise(errors[:-1])), errors
     assert errors[-1] <= 1e-9, errors
 
 

@@ -1,4 +1,4 @@
-"""The checkpoint format (SPEC §4): exact round trips, honest errors that name the file, no pickle."""
+"""The checkpoint format (SPEC §4): exact round trips, errors that name the file, no pickle."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ KINDS = ("conv", "mlp")
 def saved(make_model, tmp_path) -> Path:
     """A float32 MLP FPN checkpoint directory."""
     model = make_model("fpn", "mlp", dtype=torch.float32, width=8)
-    return save_checkpoint(model, tmp_path / "tiny", training={"epochs": 1}, metrics={"test_accuracy": 0.5})
+    return save_checkpoint(
+        model, tmp_path / "tiny", training={"epochs": 1}, metrics={"test_accuracy": 0.5}
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -125,7 +127,11 @@ BROKEN = {
     ),
     "config-weights shape mismatch": (lambda d: _edit_config(d, _wider), WEIGHTS_FILE, "shape"),
     "a tensor missing from the weights": (_drop_a_tensor, WEIGHTS_FILE, "head.bias"),
-    "invalid JSON": (lambda d: (d / CONFIG_FILE).write_text('{"format_version": 1,'), CONFIG_FILE, "JSON"),
+    "invalid JSON": (
+        lambda d: (d / CONFIG_FILE).write_text('{"format_version": 1,'),
+        CONFIG_FILE,
+        "JSON",
+    ),
     "config is a JSON list": (lambda d: (d / CONFIG_FILE).write_text("[]"), CONFIG_FILE, "object"),
     "newer format_version": (
         lambda d: _edit_config(d, lambda doc: doc.update(format_version=FORMAT_VERSION + 1)),
@@ -147,7 +153,11 @@ BROKEN = {
         CONFIG_FILE,
         "widht",
     ),
-    "arch is not an object": (lambda d: _edit_config(d, lambda doc: doc.update(arch=None)), CONFIG_FILE, ""),
+    "arch is not an object": (
+        lambda d: _edit_config(d, lambda doc: doc.update(arch=None)),
+        CONFIG_FILE,
+        "",
+    ),
     "negative input shape": (
         lambda d: _edit_config(d, lambda doc: doc["input"].update(shape=[-1])),
         CONFIG_FILE,

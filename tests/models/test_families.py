@@ -80,15 +80,21 @@ def test_predict_takes_per_sample_tolerances(make_model, make_inputs, family):
     x = make_inputs(model, 1).expand(3, -1)  # one input three times, three tolerances
     tol = torch.tensor([1e-2, 1e-5, 1e-9])
     out = model.predict(x, tol=tol, max_iter=500)
-    assert (out.stats.iterations.diff() >= 0).all() and out.stats.iterations[2] > out.stats.iterations[0]
+    assert (out.stats.iterations.diff() >= 0).all() and out.stats.iterations[
+        2
+    ] > out.stats.iterations[0]
     for i in range(3):
         alone = model.predict(x[:1], tol=float(tol[i]), max_iter=500)
         assert out.stats.iterations[i] == alone.stats.iterations[0]
 
 
 @pytest.mark.parametrize("family", ADAPTIVE)
-def test_predict_knobs_default_to_the_config_and_arguments_override_it(make_model, make_inputs, family):
-    model = make_model(family, "mlp", gamma=0.9, solver=SolverConfig(method="picard", tol=1e-12, max_iter=3))
+def test_predict_knobs_default_to_the_config_and_arguments_override_it(
+    make_model, make_inputs, family
+):
+    model = make_model(
+        family, "mlp", gamma=0.9, solver=SolverConfig(method="picard", tol=1e-12, max_iter=3)
+    )
     x = make_inputs(model, 4)
     default = model.predict(x)
     assert (default.stats.iterations <= 3).all() and not default.stats.converged.all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -40,7 +41,9 @@ def test_registry_holds_picard_and_anderson():
 
 
 def test_unknown_solver_name_lists_the_available_ones():
-    with pytest.raises(ValueError, match=r"unknown solver 'newton'; available: \['anderson', 'picard'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown solver 'newton'; available: \['anderson', 'picard'\]"
+    ):
         get_solver("newton")
 
 
@@ -55,7 +58,7 @@ def test_finds_the_closed_form_fixed_point_of_a_linear_contraction(contraction, 
     assert stats.iterations.shape == stats.residual.shape == stats.converged.shape == (4,)
     assert stats.iterations.dtype == torch.int64 and stats.converged.dtype == torch.bool
     assert stats.converged.all() and (stats.residual <= tol).all()
-    # A contraction with rate L: ‖f(z) − z*‖ ≤ L/(1 − L) · ‖f(z) − z‖ = L/(1 − L) · residual · ‖f(z)‖.
+    # Rate L contraction: ‖f(z) − z*‖ ≤ L/(1 − L) · ‖f(z) − z‖ = L/(1 − L) · residual · ‖f(z)‖.
     rate = contraction.rate.squeeze(1)
     error = (z - contraction.solution()).norm(dim=1)
     bound = rate / (1 - rate) * stats.residual * z.norm(dim=1)
@@ -69,7 +72,11 @@ def test_solves_in_float32(make_contraction, name, tol):
     b, rate = c.b.float(), c.rate.float()
     A = c.A.float()
     z, stats = get_solver(name)(
-        lambda z, b, r: r * (z @ A.T) + b, torch.zeros_like(b), context=(b, rate), tol=tol, max_iter=500
+        lambda z, b, r: r * (z @ A.T) + b,
+        torch.zeros_like(b),
+        context=(b, rate),
+        tol=tol,
+        max_iter=500,
     )
     assert z.dtype == stats.residual.dtype == torch.float32
     assert stats.converged.all()
@@ -83,9 +90,41 @@ def test_solves_in_float32(make_contraction, name, tol):
 def test_half_cos_reaches_its_known_fixed_point(half_cos, setting):
     f, fixed_point = half_cos
     name, options = setting
-    z, stats = get_solver(name)(f, torch.zeros(3, 1, dtype=torch.float64), tol=1e-12, max_iter=500, **options)
+    z, stats = get_solver(name)(
+        f, torch.zeros(3, 1, dtype=torch.float64), tol=1e-12, max_iter=500, **options
+    )
     assert stats.converged.all()
     torch.testing.assert_close(z, torch.full_like(z, fixed_point), rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("damping", [1.0, 0.5])
+def test_damped_picard_is_the_krasnoselskii_mann_iteration(contraction, damping):
+    f, context = contraction, contraction.context
+    z = contraction.z0 + 0.1
+    expected = z
+    for _ in range(2):
+        expected = (1 - damping) * expected + damping * f(expected, *context)
+    expected = f(expected, *context)  # the returned state is the last f(z)
+    out, stats = get_solver("picard")(f, z, context=context, tol=0.0, max_iter=3, damping=damping)
+    assert stats.iterations.tolist() == [3] * 4
+    torch.testing.assert_close(out, expected, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("mixing", [1.0, 0.5])
+def test_an_anderson_step_is_the_textbook_extrapolation(contraction, mixing):
+    f, context = contraction, contraction.context
+    x0 = contraction.z0 + 0.1
+    x1 = f(x0, *context)  # the first step is plain Picard
+    g0, g1 = x1 - x0, f(x1, *context) - x1
+    # min ‖α₀ g₀ + α₁ g₁‖ subject to α₀ + α₁ = 1 (λ = 0), per sample.
+    a1 = ((g0 * (g0 - g1)).sum(1) / ((g0 - g1) ** 2).sum(1))[:, None]
+    a0 = 1 - a1
+    x2 = a0 * x0 + a1 * x1 + mixing * (a0 * g0 + a1 * g1)
+    out, stats = get_solver("anderson")(
+        f, x0, context=context, tol=0.0, max_iter=3, memory=2, mixing=mixing, regularization=0.0
+    )
+    assert stats.iterations.tolist() == [3] * 4
+    torch.testing.assert_close(out, f(x2, *context), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", sorted(SOLVERS))
@@ -98,7 +137,9 @@ def test_mixed_tolerances_give_each_sample_its_own_depth(make_contraction, name)
     assert (stats.residual <= tol).all()
     for i in range(4):
         alone = c.row(i)
-        z_i, stats_i = solve(alone, alone.z0, context=alone.context, tol=float(tol[i]), max_iter=500)
+        z_i, stats_i = solve(
+            alone, alone.z0, context=alone.context, tol=float(tol[i]), max_iter=500
+        )
         assert stats.iterations[i] == stats_i.iterations[0]
         assert stats.converged[i] == stats_i.converged[0]
         torch.testing.assert_close(z[i], z_i[0], rtol=1e-12, atol=1e-14)
@@ -116,14 +157,18 @@ def test_mixed_max_iter_give_each_sample_its_own_limit(make_contraction, name):
     assert stats.iterations[3] < 500
     for i in range(4):
         alone = c.row(i)
-        z_i, stats_i = solve(alone, alone.z0, context=alone.context, tol=1e-10, max_iter=int(max_iter[i]))
+        z_i, stats_i = solve(
+            alone, alone.z0, context=alone.context, tol=1e-10, max_iter=int(max_iter[i])
+        )
         assert stats.iterations[i] == stats_i.iterations[0]
         torch.testing.assert_close(z[i], z_i[0], rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_max_iter_one_applies_the_map_once_and_does_not_converge(contraction, name):
-    z, stats = get_solver(name)(contraction, contraction.z0, context=contraction.context, max_iter=1)
+    z, stats = get_solver(name)(
+        contraction, contraction.z0, context=contraction.context, max_iter=1
+    )
     assert stats.iterations.tolist() == [1, 1, 1, 1]
     assert not stats.converged.any()
     torch.testing.assert_close(z, contraction.b)  # one application from zero: f(0) = b
@@ -133,10 +178,12 @@ def test_max_iter_one_applies_the_map_once_and_does_not_converge(contraction, na
 def test_converged_samples_leave_the_active_set(contraction, recorder, name):
     f = recorder(contraction)
     tol = torch.tensor([1e-3, 1e-5, 1e-7, 1e-9])
-    _, stats = get_solver(name)(f, contraction.z0, context=contraction.context, tol=tol, max_iter=1000)
+    _, stats = get_solver(name)(
+        f, contraction.z0, context=contraction.context, tol=tol, max_iter=1000
+    )
     rows = f.rows
     assert rows[0] == 4 and rows[-1] == 1
-    assert all(a >= b for a, b in zip(rows, rows[1:], strict=False)), rows
+    assert all(a >= b for a, b in itertools.pairwise(rows)), rows
     # The work done is exactly the iterations reported: no row is evaluated after it stopped.
     assert sum(rows) == int(stats.iterations.sum())
     assert len(rows) == int(stats.iterations.max())
@@ -156,7 +203,9 @@ def test_a_diverging_sample_stops_unconverged_and_leaves_the_others_alone(name):
     assert stats.converged.tolist() == [True, False, True]
     assert torch.isfinite(z).all()
     for i in (0, 2):
-        z_i, stats_i = solve(_exp_or_half_cos, z0[i : i + 1], context=(diverges[i : i + 1],), tol=1e-10, max_iter=100)
+        z_i, stats_i = solve(
+            _exp_or_half_cos, z0[i : i + 1], context=(diverges[i : i + 1],), tol=1e-10, max_iter=100
+        )
         assert stats.iterations[i] == stats_i.iterations[0]
         torch.testing.assert_close(z[i], z_i[0], rtol=1e-12, atol=0)
 
@@ -176,7 +225,9 @@ def test_overflowing_float32_iterates_do_not_count_as_converged(name):
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 @pytest.mark.parametrize("at_call", [1, 4])
 @pytest.mark.parametrize("name", sorted(SOLVERS))
-def test_a_non_finite_sample_returns_its_last_finite_iterate(recorder, half_cos, name, at_call, poison):
+def test_a_non_finite_sample_returns_its_last_finite_iterate(
+    recorder, half_cos, name, at_call, poison
+):
     g, _ = half_cos
     calls = []
 
@@ -212,7 +263,12 @@ def test_a_singular_anderson_system_for_one_sample_fails_nobody(name):
     shift = torch.tensor([[True], [False]])
     options = {"regularization": 0.0} if name == "anderson" else {}
     z, stats = get_solver(name)(
-        f, torch.zeros(2, 1, dtype=torch.float64), context=(shift,), tol=1e-10, max_iter=50, **options
+        f,
+        torch.zeros(2, 1, dtype=torch.float64),
+        context=(shift,),
+        tol=1e-10,
+        max_iter=50,
+        **options,
     )
     assert stats.converged.tolist() == [False, True]
     assert torch.isfinite(z).all()
@@ -223,7 +279,9 @@ def test_a_singular_anderson_system_for_one_sample_fails_nobody(name):
 def test_trace_records_each_samples_residuals_consistently_with_stats(contraction, name):
     tol = torch.tensor([1e-2, 1e-4, 1e-6, 1e-8])
     solve = get_solver(name)
-    z, stats = solve(contraction, contraction.z0, context=contraction.context, tol=tol, max_iter=300, trace=True)
+    z, stats = solve(
+        contraction, contraction.z0, context=contraction.context, tol=tol, max_iter=300, trace=True
+    )
     trace = stats.trace
     assert trace is not None and trace.ndim == 2 and trace.shape[1] == 4
     assert trace.shape[0] >= int(stats.iterations.max())
@@ -232,7 +290,9 @@ def test_trace_records_each_samples_residuals_consistently_with_stats(contractio
         assert torch.isnan(trace[k:, i]).all(), "a stopped sample has no more residuals"
         assert trace[k - 1, i] == stats.residual[i]
         assert (trace[: k - 1, i] > tol[i]).all(), "a sample stops at the first residual ≤ tol"
-    z_plain, stats_plain = solve(contraction, contraction.z0, context=contraction.context, tol=tol, max_iter=300)
+    z_plain, stats_plain = solve(
+        contraction, contraction.z0, context=contraction.context, tol=tol, max_iter=300
+    )
     assert stats_plain.trace is None
     assert torch.equal(z, z_plain) and torch.equal(stats.iterations, stats_plain.iterations)
 
@@ -244,7 +304,7 @@ def test_solvers_are_scale_invariant(contraction, name):
     results = []
     for s in (1e-6, 1.0, 1e6):
         z, stats = solve(
-            lambda z, b, r: s * contraction(z / s, b, r),
+            lambda z, b, r, s=s: s * contraction(z / s, b, r),
             contraction.z0,
             context=contraction.context,
             tol=1e-10,

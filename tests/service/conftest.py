@@ -14,6 +14,7 @@ from service_support import (
     REPO_ROOT,
     ServerProcess,
     intensities,
+    launch_server,
     load_mnist,
     start_server,
     train_tiny_checkpoint,
@@ -83,34 +84,60 @@ def digits(mnist_test) -> np.ndarray:
     return intensities(mnist_test[0][:256])
 
 
-def _server(model_dir: Path, tmp_path_factory, name: str, env: dict[str, str]):
-    log = tmp_path_factory.mktemp(name) / "fpn-serve.log"
-    server = start_server(model_dir, log, env)
-    yield server
+SERVERS = {
+    # default batching (2 ms delay), and an admin token
+    "server": {"FPN_ADMIN_TOKEN": ADMIN_TOKEN},
+    # a generous queue delay (400 ms): requests sent together land in one batch
+    "batching": {"FPN_MAX_QUEUE_DELAY_MS": "400", "FPN_MAX_BATCH_SIZE": "256"},
+    # one sample per batch, one queued sample at most, 64 KiB bodies
+    "tiny-queue": {
+        "FPN_MAX_BATCH_SIZE": "1",
+        "FPN_MAX_QUEUE_SIZE": "1",
+        "FPN_MAX_BODY_BYTES": "65536",
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def servers(model_dir: Path, tmp_path_factory) -> Iterator[dict[str, ServerProcess]]:
+    """Every session server, launched at once (start-up is mostly imports: do them in parallel)."""
+    launched = {
+        name: launch_server(model_dir, tmp_path_factory.mktemp(name) / "fpn-serve.log", env)
+        for name, env in SERVERS.items()
+    }
+    yield launched
+    for server in launched.values():
+        _stop_cleanly(server)
+
+
+def _stop_cleanly(server: ServerProcess) -> None:
     code = server.stop()
     # uvicorn re-raises the SIGTERM it handled once shutdown is complete: -15 is a clean exit.
-    assert code in (0, -signal.SIGTERM), f"fpn-serve did not shut down cleanly ({code}):\n{server.log()}"
+    assert code in (0, -signal.SIGTERM), f"unclean exit ({code}):\n{server.log()}"
     assert "Traceback" not in server.log(), server.log()
 
 
+def _ready(servers: dict[str, ServerProcess], name: str) -> ServerProcess:
+    servers[name].wait_ready()
+    return servers[name]
+
+
 @pytest.fixture(scope="session")
-def server(model_dir: Path, tmp_path_factory) -> Iterator[ServerProcess]:
+def server(servers) -> ServerProcess:
     """``fpn-serve`` with default batching (2 ms delay) and an admin token."""
-    yield from _server(model_dir, tmp_path_factory, "server", {"FPN_ADMIN_TOKEN": ADMIN_TOKEN})
+    return _ready(servers, "server")
 
 
 @pytest.fixture(scope="session")
-def batching_server(model_dir: Path, tmp_path_factory) -> Iterator[ServerProcess]:
+def batching_server(servers) -> ServerProcess:
     """A generous queue delay (400 ms): requests sent together land in one batch."""
-    env = {"FPN_MAX_QUEUE_DELAY_MS": "400", "FPN_MAX_BATCH_SIZE": "256"}
-    yield from _server(model_dir, tmp_path_factory, "batching", env)
+    return _ready(servers, "batching")
 
 
 @pytest.fixture(scope="session")
-def tiny_queue_server(model_dir: Path, tmp_path_factory) -> Iterator[ServerProcess]:
-    """One sample per batch and one queued sample at most: concurrency overflows the queue."""
-    env = {"FPN_MAX_BATCH_SIZE": "1", "FPN_MAX_QUEUE_SIZE": "1", "FPN_MAX_BODY_BYTES": "65536"}
-    yield from _server(model_dir, tmp_path_factory, "tiny-queue", env)
+def tiny_queue_server(servers) -> ServerProcess:
+    """FPN_MAX_BATCH_SIZE=1, FPN_MAX_QUEUE_SIZE=1, FPN_MAX_BODY_BYTES=65536."""
+    return _ready(servers, "tiny-queue")
 
 
 @pytest.fixture(scope="session")
@@ -127,4 +154,6 @@ def bundled_checkpoint() -> Path:
 
 @pytest.fixture(scope="session")
 def bundled_server(bundled_checkpoint: Path, tmp_path_factory) -> Iterator[ServerProcess]:
-    yield from _server(bundled_checkpoint.parent, tmp_path_factory, "bundled", {})
+    server = start_server(bundled_checkpoint.parent, tmp_path_factory.mktemp("bundled") / "log")
+    yield server
+    _stop_cleanly(server)

@@ -21,7 +21,14 @@ import httpx
 import numpy as np
 import torch
 
-from models import ArchConfig, ModelConfig, SolverConfig, create_model, cross_entropy, save_checkpoint
+from models import (
+    ArchConfig,
+    ModelConfig,
+    SolverConfig,
+    create_model,
+    cross_entropy,
+    save_checkpoint,
+)
 from training.data import load_idx
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -114,6 +121,23 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_ready(self, timeout: float = 90) -> None:
+        """Poll /readyz until 200; raise with the server log if it exits or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"fpn-serve exited with {self.process.returncode}:\n{self.log()}"
+                )
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"fpn-serve not ready after {timeout}s:\n{self.log()}")
+
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM (graceful shutdown) and wait; returns the exit code."""
         if self.process.poll() is None:
@@ -127,9 +151,18 @@ class ServerProcess:
 
 
 def start_server(
-    model_dir: Path, log_path: Path, env: dict[str, str] | None = None, ready_timeout: float = 60
+    model_dir: Path, log_path: Path, env: dict[str, str] | None = None, ready_timeout: float = 90
 ) -> ServerProcess:
     """Start ``fpn-serve --model-dir model_dir`` on a free port; wait until /readyz is 200."""
+    server = launch_server(model_dir, log_path, env)
+    server.wait_ready(ready_timeout)
+    return server
+
+
+def launch_server(
+    model_dir: Path, log_path: Path, env: dict[str, str] | None = None
+) -> ServerProcess:
+    """Start ``fpn-serve --model-dir model_dir`` on a free port without waiting for it."""
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("FPN_")}
     environment.update({"FPN_NUM_THREADS": "1", **(env or {})})
@@ -139,16 +172,4 @@ def start_server(
          "--port", str(port), "--log-level", "warning"],
         stdout=log_file, stderr=subprocess.STDOUT, env=environment, cwd=REPO_ROOT,
     )  # fmt: skip
-    server = ServerProcess(f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"fpn-serve exited with {process.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"fpn-serve not ready after {ready_timeout}s:\n{server.log()}")
+    return ServerProcess(f"http://127.0.0.1:{port}", process, log_path)

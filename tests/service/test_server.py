@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 
 import httpx
 import numpy as np
 import pytest
-from conftest import ADMIN_TOKEN
+import torch
 from prometheus_client.parser import text_string_to_metric_families
-from service_support import intensities, png_base64, start_server
+from service_support import intensities, png_base64
 
 MODEL = "mnist-tiny"
 PREDICT = f"/v1/models/{MODEL}/predict"
@@ -82,7 +80,8 @@ def test_health_and_listing(server) -> None:
     assert httpx.get(server.url + "/readyz").json()["ready"] is True
     (model,) = httpx.get(server.url + "/v1/models").json()["models"]
     assert model["name"] == MODEL
-    assert (model["family"], model["device"], model["backend"]) == ("fpn", "cpu", "torch")
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"  # FPN_DEVICE=auto
+    assert (model["family"], model["device"], model["backend"]) == ("fpn", device, "torch")
     assert model["input_shape"] == [1, 28, 28] and len(model["classes"]) == 10
     meta = httpx.get(server.url + f"/v1/models/{MODEL}").json()
     assert meta["solver_defaults"] == {"method": "anderson", "tol": 1e-4, "max_iter": 50}
@@ -160,11 +159,14 @@ def test_200_concurrent_requests_all_answered_once(server, offline, digits) -> N
            for r in responses]  # fmt: skip
     assert got == expected  # every answer is its own request's answer: none lost, mixed or doubled
     label = {"model": MODEL}
-    assert metric(after, "fpn_samples_total", **label) - metric(
-        before, "fpn_samples_total", **label
-    ) == n
+    assert (
+        metric(after, "fpn_samples_total", **label) - metric(before, "fpn_samples_total", **label)
+        == n
+    )
     ok = {"model": MODEL, "endpoint": "predict", "code": "200"}
-    assert metric(after, "fpn_requests_total", **ok) - metric(before, "fpn_requests_total", **ok) == n
+    assert (
+        metric(after, "fpn_requests_total", **ok) - metric(before, "fpn_requests_total", **ok) == n
+    )
     batches = metric(after, "fpn_batch_size_count", **label) - metric(
         before, "fpn_batch_size_count", **label
     )
@@ -241,8 +243,9 @@ def test_metrics_expose_every_spec_metric(server, digits) -> None:
         assert family_name in families, f"{name} missing from /metrics"
         assert families[family_name].type == kind
     info = families["fpn_model_info"].samples
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
     assert [s.labels for s in info] == [
-        {"model": MODEL, "family": "fpn", "backend": "torch", "device": "cpu"}
+        {"model": MODEL, "family": "fpn", "backend": "torch", "device": device}
     ]
     buckets = [
         float(s.labels["le"]) for s in families["fpn_solver_iterations"].samples

@@ -1,0 +1,204 @@
+"""The ``linf`` family: ℓ∞-contractive implicit networks with a certified ℓ∞ radius."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from family_checks import (
+    assert_checkpoint_round_trip,
+    assert_gradient_matches_finite_differences,
+    assert_unique_fixed_point,
+    prototypes,
+    random_inputs,
+    tiny_model,
+    train_on_prototypes,
+)
+
+from models import get_family
+from models.linf import LinfClassifier, average_step_size, inf_norm, matrix_measure
+
+TIGHT = {"tol": 1e-12, "max_iter": 5000}
+
+
+@pytest.fixture(scope="module")
+def robust_model() -> LinfClassifier:
+    """A small linf model trained on prototypes with the Lipschitz regulariser (float64)."""
+    model = tiny_model("linf", options={"lipschitz_weight": 0.02}, width=24, gamma=0.5)
+    before, after, _ = train_on_prototypes(model, steps=120)
+    assert after > 0.9, (before, after)
+    return model.eval()
+
+
+def test_the_parametrisation_keeps_the_matrix_measure_below_gamma():
+    model = tiny_model("linf", width=32, gamma=0.6)
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.01, 1.0, 100.0):
+        with torch.no_grad():
+            model.operator.p.copy_(scale * torch.randn(32, 32, generator=g, dtype=torch.float64))
+        A = model.operator.matrix()
+        mu = matrix_measure(A)
+        rows = A.diagonal() + A.abs().sum(1) - A.diagonal().abs()
+        torch.testing.assert_close(mu, rows.max())
+        assert mu <= 0.6 + 1e-12
+        assert (A.diagonal() < 1).all()
+
+
+def test_the_average_iteration_contracts_in_linf_at_the_papers_rate():
+    model = tiny_model("linf", width=32, gamma=0.6)
+    with torch.no_grad():
+        model.operator.p.mul_(40)  # strongly negative diagonal: α* well below 1
+    A = model.operator.matrix().detach()
+    alpha, mu = average_step_size(A), float(matrix_measure(A))
+    assert 0 < alpha < 0.5
+    assert alpha == pytest.approx(1 / (1 - float(A.diagonal().min())))
+    rate = 1 - alpha * (1 - mu)
+    x = random_inputs(model, 16)
+    qx = model.inject(x)[:, :32]
+    g = torch.Generator().manual_seed(1)
+
+    def F(z):
+        return (1 - alpha) * z + alpha * torch.relu(z @ A.T + qx)
+
+    for _ in range(20):
+        z1 = 3 * torch.randn(16, 32, generator=g, dtype=A.dtype)
+        z2 = z1 + torch.randn(16, 32, generator=g, dtype=A.dtype) * torch.rand(1, generator=g)
+        ratio = (F(z1) - F(z2)).abs().amax(1) / (z1 - z2).abs().amax(1)
+        assert (ratio <= rate + 1e-12).all()
+    # ... and the solver uses that step: picard's iterates are the average iteration's.
+    out = model.predict(x, solver="picard", tol=1e-9, max_iter=3000, trace=True)
+    assert out.stats.converged.all()
+
+
+def test_the_fixed_point_does_not_depend_on_where_the_solve_starts():
+    model = tiny_model("linf", width=24)
+    x = random_inputs(model, 5)
+    qx = model.inject(x)
+    g = torch.Generator().manual_seed(3)
+    skip = model.initial_state(x, qx)[:, 24:]
+    starts = [
+        torch.cat([10 * torch.rand(5, 24, generator=g, dtype=qx.dtype), skip], 1),
+        torch.cat([-torch.ones(5, 24, dtype=qx.dtype), skip], 1),
+    ]
+    for solver in ("picard", "anderson"):
+        assert_unique_fixed_point(model, x, starts, solver=solver)
+
+
+@pytest.mark.parametrize("mode", ["ift", "jfb"])
+def test_gradients_match_finite_differences(mode):
+    """With the Lipschitz regulariser on and a non-zero output skip D, so every part is checked."""
+    model = tiny_model("linf", width=16, options={"lipschitz_weight": 0.01})
+    with torch.no_grad():
+        model.injection.d.weight.normal_(0, 0.1)
+    x = random_inputs(model, 5)
+    assert_gradient_matches_finite_differences(model, x, torch.tensor([0, 1, 2, 0, 1]), mode)
+
+
+def test_checkpoint_round_trip_records_the_bound_in_config_json(tmp_path, robust_model):
+    assert_checkpoint_round_trip(robust_model, random_inputs(robust_model, 4), tmp_path / "linf")
+    options = json.loads((tmp_path / "linf" / "config.json").read_text())["options"]
+    bound = float(robust_model.lipschitz_bound().detach())
+    assert options["lipschitz_bound_linf"] == pytest.approx(bound, rel=1e-6)
+    assert options["matrix_measure_linf"] < 0.5 + 1e-9
+    assert 0 < options["step_size_linf"] <= 1
+
+
+def test_a_short_synthetic_run_learns_and_the_regulariser_shrinks_the_bound(robust_model):
+    plain = tiny_model("linf", width=24, gamma=0.5)
+    _, accuracy, _ = train_on_prototypes(plain, steps=120)
+    assert accuracy > 0.9
+    assert robust_model.lipschitz_bound() < 0.5 * plain.lipschitz_bound()
+    assert get_family("linf").default_backprop == "ift"
+
+
+def jacobian(model: LinfClassifier, x: torch.Tensor) -> torch.Tensor:
+    """Exact d logits / d x at the fixed point: (I − Δ A)⁻¹ Δ B through ReLU's pattern Δ.
+    (B, classes, inputs)."""
+    n = model.width
+    out = model.predict(x, **TIGHT)
+    A = model.operator.matrix()
+    B, D, C = model.injection.b, model.injection.d.weight, model.head.c.weight
+    u = ((x - model.input_mean) / model.input_std).flatten(1)
+    active = ((out.z[:, :n] @ A.T + B(u)) > 0).to(x.dtype)  # (B, n)
+    eye = torch.eye(n, dtype=x.dtype)
+    rows = []
+    for i in range(x.shape[0]):
+        delta = torch.diag(active[i])
+        dz = torch.linalg.solve(eye - delta @ A, delta @ B.weight)  # (n, inputs)
+        rows.append((C @ dz + D) / model.input_std)
+    return torch.stack(rows)
+
+
+def test_empirical_lipschitz_estimates_never_exceed_the_bound(robust_model):
+    model = robust_model
+    bound = float(model.lipschitz_bound())
+    x, _ = prototypes(64, model.config.input.shape, 3, seed=1)
+    with torch.no_grad():
+        J = jacobian(model, x)
+        # gradient norms: the ℓ∞ → ℓ∞ norm of the Jacobian is its largest absolute row sum
+        local = J.abs().sum(2).amax(1)
+        assert (local <= bound).all(), (float(local.max()), bound)
+        assert local.max() > 0.05 * bound  # the bound is not vacuous
+        # the Jacobian is the derivative (central differences along a random direction)
+        v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+        plus = model.predict(x + 1e-6 * v, **TIGHT).logits
+        minus = model.predict(x - 1e-6 * v, **TIGHT).logits
+        torch.testing.assert_close(
+            (plus - minus) / 2e-6, torch.einsum("bki,bi->bk", J, v.flatten(1)), rtol=1e-4, atol=1e-6
+        )
+        # random pairs, near and far, and steepest-ascent (sign-of-gradient) pairs
+        g = torch.Generator().manual_seed(1)
+        y = model.predict(x, **TIGHT).logits
+        for eps in (1e-3, 1e-1, 1.0):
+            for signed in (False, True):
+                d = torch.rand(x.shape, generator=g, dtype=x.dtype) * 2 - 1
+                d = d.sign() if signed else d
+                other = model.predict(x + eps * d, **TIGHT).logits
+                ratio = (other - y).abs().amax(1) / (eps * d).flatten(1).abs().amax(1)
+                assert (ratio <= bound * (1 + 1e-9)).all(), (float(ratio.max()), bound)
+        for k in range(3):
+            d = J[:, k].sign().reshape(x.shape)
+            other = model.predict(x + 1e-3 * d, **TIGHT).logits
+            ratio = (other - y).abs().amax(1) / 1e-3
+            assert (ratio <= bound * (1 + 1e-9)).all()
+
+
+def test_no_perturbation_inside_the_certified_radius_changes_a_label(robust_model):
+    model = robust_model
+    x, _ = prototypes(64, model.config.input.shape, 3, seed=1)
+    out = model.predict(x, **TIGHT)
+    radius = out.extras["certified_radius_linf"]
+    assert radius.shape == (64,) and (radius >= 0).all()
+    assert set(out.extras) == {"certified_radius_linf"}
+    top = out.logits.topk(2, dim=1).values
+    torch.testing.assert_close(radius, (top[:, 0] - top[:, 1]) / (2 * model.lipschitz_bound()))
+    assert radius.median() > 1e-3, "the test needs non-trivial radii to mean anything"
+    labels = out.logits.argmax(1)
+    g = torch.Generator().manual_seed(2)
+    for trial in range(30):
+        d = torch.rand(x.shape, generator=g, dtype=x.dtype) * 2 - 1
+        if trial % 2:
+            d = d.sign()  # corners of the ℓ∞ ball
+        if trial % 3 == 0 and trial:
+            J = jacobian(model, x)  # towards the runner-up: the most damaging direction
+            runner_up = out.logits.topk(2, dim=1).indices[:, 1]
+            rows = torch.arange(64)
+            d = (J[rows, runner_up] - J[rows, labels]).sign().reshape(x.shape)
+        perturbed = x + 0.999 * radius.view(-1, *[1] * (x.ndim - 1)) * d
+        assert torch.equal(model.predict(perturbed, **TIGHT).logits.argmax(1), labels)
+
+
+def test_the_family_is_dense_and_takes_known_options():
+    with pytest.raises(ValueError, match="arch kind 'mlp'"):
+        tiny_model("linf", "conv")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['lipschitz'\]"):
+        tiny_model("linf", options={"lipschitz": 1.0})
+    model = tiny_model("linf", width=8)
+    assert float(model.lipschitz_bound()) == pytest.approx(
+        float(
+            (inf_norm(model.head.c.weight) * inf_norm(model.injection.b.weight))
+            / (1 - model.operator.measure())
+            / model.input_std
+        )
+    )  # D starts at zero
