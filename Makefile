@@ -40,3 +40,6 @@ bench-train: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+
+bench-serve: install
+	bench/serve_bench.sh --duration 5 --rounds 5

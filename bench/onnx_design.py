@@ -85,7 +85,8 @@ class HostLoop:
             z = fz if self.damping == 1.0 else z + self.damping * (fz - z)
             if done.any():
                 keep = ~done
-                z, qx, tol, max_iter, index = z[keep], qx[keep], tol[keep], max_iter[keep], index[keep]
+                z, qx, index = z[keep], qx[keep], index[keep]
+                tol, max_iter = tol[keep], max_iter[keep]
                 if not len(index):
                     break
         return out, iters
@@ -157,8 +158,11 @@ def main() -> None:
     checkpoints = args.checkpoint or [REPO / "checkpoints" / "mnist-fpn"]
     results = {"machine": {"cpus": os.cpu_count(), "threads": args.threads,
                            "load_average": os.getloadavg()}, "models": {}}  # fmt: skip
-    lines = ["| model | solver | batch | torch ms | ort-loop ms | ort-host ms | iterations "
-             "(torch / loop / host) |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        "| model | solver | batch | torch ms | ort-loop ms | ort-host ms | iterations "
+        "(torch / loop / host) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
     for path in checkpoints:
         model = load_checkpoint(path).model
         config = model.config
@@ -176,19 +180,28 @@ def main() -> None:
                 xt, tt, mt = (torch.from_numpy(v) for v in (x, tol, max_iter))
                 with torch.inference_mode():
                     ref = model.predict(xt, tol=tt, max_iter=mt, solver=solver)
-                    t_torch = median_ms(lambda: model.predict(  # noqa: B023
-                        xt, tol=tt, max_iter=mt, solver=solver), repeats)  # noqa: B023
+                    t_torch = median_ms(
+                        lambda: model.predict(  # noqa: B023
+                            xt, tol=tt, max_iter=mt, solver=solver
+                        ),
+                        repeats,
+                    )  # noqa: B023
                 got = E.run_onnx(loop, x, tol=tol, max_iter=max_iter, solver=solver)
-                t_loop = median_ms(lambda: E.run_onnx(  # noqa: B023
-                    loop, x, tol=tol, max_iter=max_iter, solver=solver), repeats)  # noqa: B023
+                t_loop = median_ms(
+                    lambda: E.run_onnx(loop, x, tol=tol, max_iter=max_iter, solver=solver), repeats
+                )  # noqa: B023
                 _, host_iters = host.predict(x, tol, max_iter, solver)
                 t_host = median_ms(lambda: host.predict(x, tol, max_iter, solver), repeats)  # noqa: B023
                 its = [float(ref.stats.iterations.float().mean()), float(got["iterations"].mean()),
                        float(host_iters.mean())]  # fmt: skip
-                entry[f"{solver}-b{b}"] = {"torch_ms": t_torch, "ort_loop_ms": t_loop,
-                                           "ort_host_ms": t_host, "mean_iterations": its}  # fmt: skip
-                lines.append(f"| {path.name} | {solver} | {b} | {t_torch:.2f} | {t_loop:.2f} | "
-                             f"{t_host:.2f} | {its[0]:.2f} / {its[1]:.2f} / {its[2]:.2f} |")
+                entry[f"{solver}-b{b}"] = {
+                    "torch_ms": t_torch, "ort_loop_ms": t_loop, "ort_host_ms": t_host,
+                    "mean_iterations": its,
+                }  # fmt: skip
+                lines.append(
+                    f"| {path.name} | {solver} | {b} | {t_torch:.2f} | {t_loop:.2f} | "
+                    f"{t_host:.2f} | {its[0]:.2f} / {its[1]:.2f} / {its[2]:.2f} |"
+                )
                 print(lines[-1], flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

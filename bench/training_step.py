@@ -11,7 +11,8 @@ Measures, in one run and on one machine:
 Every configuration runs in its own subprocess so that peak memory (CUDA: max allocated; CPU:
 max resident set) belongs to that configuration alone.
 
-    python bench/training_step.py --data-dir ../shared/data/mnist --device cpu --out bench/results/training_step_cpu.json
+    python bench/training_step.py --data-dir ../shared/data/mnist --device cpu \
+        --out bench/results/training_step_cpu.json
 """
 
 from __future__ import annotations
@@ -43,11 +44,12 @@ def _peak_bytes(device: torch.device) -> int:
 
 
 def _torchdeq_forward(model, x, mode: str, tol: float, max_iter: int):
-    from torchdeq import get_deq  # noqa: PLC0415 - optional peer
+    from torchdeq import get_deq
 
     common = dict(f_solver="anderson", f_max_iter=max_iter, f_tol=tol, f_stop_mode="rel")
     if mode == "torchdeq-ift":
-        deq = get_deq(core="indexing", ift=True, b_solver="fixed_point_iter", b_max_iter=100, b_tol=1e-6,
+        deq = get_deq(core="indexing", ift=True, b_solver="fixed_point_iter", b_max_iter=100,
+                      b_tol=1e-6,
                       b_stop_mode="rel", **common)  # fmt: skip
     else:  # phantom gradient, one step, tau = 1: the JFB-like configuration
         deq = get_deq(core="indexing", grad=1, tau=1.0, **common)
@@ -71,7 +73,9 @@ def worker(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    baseline = _peak_bytes(device) if device.type == "cpu" else int(torch.cuda.memory_allocated(device))
+    baseline = (
+        _peak_bytes(device) if device.type == "cpu" else int(torch.cuda.memory_allocated(device))
+    )
     times, iterations = [], []
     for step in range(args.steps + args.warmup):
         rows = slice(step * args.batch_size, (step + 1) * args.batch_size)
@@ -81,7 +85,9 @@ def worker(args: argparse.Namespace) -> dict:
             logits, its = _torchdeq_forward(model, x, args.mode, args.tol, args.max_iter)
             loss = torch.nn.functional.cross_entropy(logits, y)
         else:
-            out = model(x, tol=args.tol, max_iter=args.max_iter, solver=args.solver, backprop=args.mode)
+            out = model(
+                x, tol=args.tol, max_iter=args.max_iter, solver=args.solver, backprop=args.mode
+            )
             loss, its = cross_entropy(out, y), float(out.stats.iterations.float().mean())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -114,7 +120,9 @@ def run_config(args: argparse.Namespace, **overrides) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "mnist-fpn"))
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "mnist"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -151,11 +159,18 @@ def main() -> None:
             result = run_config(args, mode=mode, tol=0.0, max_iter=depth, solver="picard", steps=5)
             by_depth.append({"forward_iterations": depth, **result})
             print(json.dumps(by_depth[-1]), flush=True)
-    report = {"machine": machine, "batch_size": args.batch_size, "by_mode": by_mode, "by_depth": by_depth}
+    report = {
+        "machine": machine,
+        "batch_size": args.batch_size,
+        "by_mode": by_mode,
+        "by_depth": by_depth,
+    }
     jfb = next((r for r in by_mode if r.get("mode") == "jfb" and "error" not in r), None)
     if jfb:
         report["step_time_ratio_to_jfb"] = {
-            r["mode"]: r["seconds_per_step"] / jfb["seconds_per_step"] for r in by_mode if "error" not in r
+            r["mode"]: r["seconds_per_step"] / jfb["seconds_per_step"]
+            for r in by_mode
+            if "error" not in r
         }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,9 @@ sample (``converged=False``, its last accepted state returned), and the returned
 ``T(z)`` while the residual is that of ``z``.
 
 The model (``cdeq`` family) is the FPN's injection, operator and readout with this solve, so its
-gradients are those of any fixed point: JFB, or the steady-state adjoint (IFT, the paper's).
+gradients are those of any fixed point: JFB (the default, as for every family here: one
+application of ``T``, cheap and sound for a contraction), or the steady-state adjoint the paper
+uses (``--backprop ift``; the tests check both against finite differences).
 
 >>> import torch
 >>> z, stats = ode_solve(lambda z: 0.5 * torch.cos(z), torch.zeros(2, 1), tol=1e-6, max_iter=200)
@@ -272,7 +274,7 @@ class ContinuousDEQClassifier(FixedPointClassifier):
 
 @register_family(
     "cdeq",
-    default_backprop="ift",
+    default_backprop="jfb",
     description="continuous DEQ (Pal et al.): steady state of dz/dt = T(z) - z by adaptive "
     "Runge-Kutta (torchdiffeq's bosh3/dopri5 tableaux, per-sample steps); iterations count "
     "evaluations; options ode_method, ode_error_ratio",

@@ -94,7 +94,8 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     version = document.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: format_version {version!r} is not supported (this build reads {FORMAT_VERSION})"
+            f"{path}: format_version {version!r} is not supported "
+            f"(this build reads {FORMAT_VERSION})"
         )
     for key in ("training", "metrics"):
         if not isinstance(document.get(key) or {}, dict):

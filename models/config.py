@@ -33,7 +33,11 @@ class SolverConfig:
         if method == "picard":
             return {"damping": self.damping}
         if method == "anderson":
-            return {"memory": self.memory, "mixing": self.mixing, "regularization": self.regularization}
+            return {
+                "memory": self.memory,
+                "mixing": self.mixing,
+                "regularization": self.regularization,
+            }
         return {}
 
 
@@ -116,7 +120,12 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error, not silently dropped."""
         data = dict(data)
-        sub = {"arch": ArchConfig, "input": InputSpec, "solver": SolverConfig, "backprop": BackpropConfig}
+        sub = {
+            "arch": ArchConfig,
+            "input": InputSpec,
+            "solver": SolverConfig,
+            "backprop": BackpropConfig,
+        }
         kwargs: dict[str, Any] = {}
         for name, value in data.items():
             if name in sub:
@@ -137,7 +146,9 @@ def _build(kind: type, value: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(kind)}
     unknown = set(value) - names
     if unknown:
-        raise ValueError(f"unknown keys in {where!r}: {sorted(unknown)}; expected some of {sorted(names)}")
+        raise ValueError(
+            f"unknown keys in {where!r}: {sorted(unknown)}; expected some of {sorted(names)}"
+        )
     value = dict(value)
     if "shape" in value:
         value["shape"] = tuple(value["shape"])

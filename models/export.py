@@ -49,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -227,24 +228,75 @@ def _export_part(
 
     batch = torch.export.Dim.DYNAMIC
     dynamic = (tuple({0: batch} for _ in args),)  # forward(*args): one varargs tuple
+    quiet = logging.getLogger("torch.onnx")  # "torchvision is not installed" and the like
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module.eval(),
-            args,
-            dynamo=True,
-            input_names=inputs,
-            output_names=outputs,
-            dynamic_shapes=dynamic,
-            opset_version=OPSET,
-            external_data=False,
-            optimize=True,
-            verbose=False,
-        )
+        try:
+            program = torch.onnx.export(
+                module.eval(),
+                args,
+                dynamo=True,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_shapes=dynamic,
+                opset_version=OPSET,
+                external_data=False,
+                optimize=True,
+                verbose=False,
+            )
+        finally:
+            quiet.setLevel(level)
     proto = program.model_proto
     if proto.functions:
         proto = onnx.inliner.inline_local_functions(proto)
+    _transposed_conv_as_conv(proto.graph)
     return proto
+
+
+def _transposed_conv_as_conv(graph: onnx.GraphProto) -> None:
+    """Rewrite stride-1 ``ConvTranspose`` nodes with constant weights as ``Conv`` (in place).
+
+    ``conv_transpose2d(z, W, padding=p)`` with stride 1 is ``conv2d(z, W', padding=k − 1 − p)``
+    with ``W'`` the kernel flipped in space and with its channel axes swapped: the same products,
+    summed in another order. onnxruntime's CPU ``ConvTranspose`` is a GEMM plus col2im, several
+    times slower than its ``Conv`` (which gets the NCHWc layout), and the ``opteq`` operator
+    applies one per iteration (``W = γ (K + Kᵀ)/2``).
+    """
+    from onnx import helper, numpy_helper
+
+    weights = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type != "ConvTranspose" or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        kernel = numpy_helper.to_array(weights[node.input[1]])  # (C_in, C_out / g, kH, kW)
+        k = kernel.shape[2:]
+        pads = list(attrs.get("pads", [0] * 2 * len(k)))
+        if (
+            attrs.get("group", 1) != 1
+            or any(v != 1 for v in attrs.get("strides", [1] * len(k)))
+            or any(v != 1 for v in attrs.get("dilations", [1] * len(k)))
+            or any(attrs.get("output_padding", [0] * len(k)))
+            or "output_shape" in attrs
+            or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+            or any(p > kk - 1 for p, kk in zip(pads, list(k) * 2, strict=True))
+        ):
+            continue
+        flipped = np.ascontiguousarray(
+            np.flip(kernel, axis=tuple(range(2, kernel.ndim))).swapaxes(0, 1)
+        )
+        name = f"{node.input[1]}_as_conv"
+        if name not in weights:
+            weights[name] = numpy_helper.from_array(flipped, name)
+            graph.initializer.append(weights[name])
+        conv_pads = [kk - 1 - p for p, kk in zip(pads, list(k) * 2, strict=True)]
+        replacement = helper.make_node(
+            "Conv", [node.input[0], name, *node.input[2:]], list(node.output), name=node.name,
+            kernel_shape=list(k), pads=conv_pads,
+        )  # fmt: skip
+        node.CopyFrom(replacement)
 
 
 # --- ONNX graph building ----------------------------------------------------------------------
@@ -298,7 +350,9 @@ class _Graph:
         for node in graph.node:
             for attr in node.attribute:
                 if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                    raise ExportError(f"the exported {prefix} graph has control flow ({node.op_type})")
+                    raise ExportError(
+                        f"the exported {prefix} graph has control flow ({node.op_type})"
+                    )
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
             del copy.input[:]
@@ -594,7 +648,6 @@ def build_onnx(model: ImplicitClassifier) -> onnx.ModelProto:
     in_shape = list(config.input.shape)
     x = torch.rand(3, *in_shape)
 
-    solver_default = names.const(np.array(SOLVER_NAMES.index(config.solver.method), np.int64))
     graph_inputs = [
         helper.make_tensor_value_info("x", TP.FLOAT, ["batch", *in_shape]),
         helper.make_tensor_value_info("tol", TP.DOUBLE, ["batch"]),
@@ -609,8 +662,8 @@ def build_onnx(model: ImplicitClassifier) -> onnx.ModelProto:
         index = main.op("Range", main.const(0, np.int64),
                         main.op("Squeeze", batch, main.const([0], np.int64)),
                         main.const(1, np.int64))  # fmt: skip
-        trip = main.op("ReduceMax", main.op("Concat", main.const([0], np.int64), "max_iter", axis=0),
-                       keepdims=0)  # fmt: skip
+        budgets = main.op("Concat", main.const([0], np.int64), "max_iter", axis=0)
+        trip = main.op("ReduceMax", budgets, keepdims=0)  # the largest max_iter (0 if empty)
         cond = main.op("Greater", main.op("Size", index), main.const(0, np.int64))
         start = {"z0": z0_name, "qx": qx_name, "tol": "tol", "max_iter": "max_iter",
                  "index": index, "trip": trip, "cond": cond}  # fmt: skip
@@ -625,7 +678,8 @@ def build_onnx(model: ImplicitClassifier) -> onnx.ModelProto:
                     [_value_info(o, e, r) for o, e, r in zip(results, elems, ranks, strict=True)],
                 )
             )  # fmt: skip
-        is_anderson = main.op("Equal", "solver", main.const(SOLVER_NAMES.index("anderson"), np.int64))
+        anderson = main.const(SOLVER_NAMES.index("anderson"), np.int64)
+        is_anderson = main.op("Equal", "solver", anderson)
         z_star, iterations, residual, converged = main.op(
             "If", is_anderson, outputs=4, then_branch=branches[0], else_branch=branches[1]
         )
@@ -651,8 +705,8 @@ def build_onnx(model: ImplicitClassifier) -> onnx.ModelProto:
         for n, e, s in zip(out_names, elems, shapes, strict=True)
     ]
     # ``solver`` has a default (an initializer of the same name makes the input optional).
-    solver_init = onnx.TensorProto()
-    solver_init.CopyFrom(next(t for t in names.initializers if t.name == solver_default))
+    method = config.solver.method if config.solver.method in SOLVER_NAMES else SOLVER_NAMES[1]
+    solver_init = _tensor(np.array(SOLVER_NAMES.index(method), np.int64))
     solver_init.name = "solver"
     graph = helper.make_graph(
         main.nodes, f"fpn_{config.family}", graph_inputs, graph_outputs,
@@ -720,15 +774,48 @@ def check_fresh(directory: str | Path, metadata: dict[str, str]) -> None:
 
 
 # --- verification against torch ----------------------------------------------------------------
+NEAR_TIE = 0.02
+RESIDUAL_NOISE = 1e-7
+"""A sample whose solver stopped with a residual within 2% of its ``tol``, or within 1e-7 (the
+resolution of a float32 relative residual: a few float32 epsilons), is a near-tie. A rounding
+difference (onnxruntime's kernels sum in another order than torch's, as torch's own do between
+batch sizes and thread counts) can move such a stop, and an Anderson residual that is not
+monotone can then take a few more iterations to come back below ``tol``. Both answers are right
+by SPEC §5; torch against itself (batch 1 vs 250) shows the same spread."""
+
+
+def agreement(c: dict[str, np.ndarray], *, label_gap: float = 0.0) -> dict[str, Any]:
+    """Summarise a :func:`compare` result under the parity rule: iterations within ±1 of torch
+    except near-ties (:data:`NEAR_TIE`), labels equal except where torch's top-2 probabilities
+    are within ``label_gap`` of each other."""
+    diff = c["iterations_onnx"].astype(np.int64) - c["iterations_torch"]
+    # The residual and convergence of whichever runtime stopped first.
+    first = diff > 0
+    residual = np.where(first, c["residual_torch"], c["residual_onnx"])
+    converged = np.where(first, c["converged_torch"], c["converged_onnx"])
+    near_tie = converged & (residual >= (1.0 - NEAR_TIE) * c["tol"] - RESIDUAL_NOISE)
+    far = np.abs(diff) > 1
+    mismatch = c["labels_torch"] != c["labels_onnx"]
+    tied = c["top2_gap_torch"] <= label_gap
+    return {
+        "max_iteration_diff": int(np.abs(diff[~(far & near_tie)]).max(initial=0)),
+        "near_ties": int((far & near_tie).sum()),
+        "label_mismatches": int((mismatch & ~tied).sum()),
+        "max_probability_diff": float(c["probability_diff"].max(initial=0.0)),
+        "converged_mismatches": int((c["converged_torch"] != c["converged_onnx"]).sum()),
+    }
+
+
 @dataclass(frozen=True)
 class Verification:
-    """How an exported model compares with torch on ``n`` inputs (per solver, worst case)."""
+    """How an exported model compares with torch on ``n`` inputs (all solvers together)."""
 
     n: int
     solvers: tuple[str, ...]
     label_mismatches: int
     max_probability_diff: float
     max_iteration_diff: int
+    near_ties: int
     converged_mismatches: int
 
     @property
@@ -737,6 +824,7 @@ class Verification:
             self.label_mismatches == 0
             and self.max_probability_diff <= 1e-4
             and self.max_iteration_diff <= 1
+            and self.near_ties <= max(1, self.n * len(self.solvers) // 100)
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -800,7 +888,10 @@ def compare(
         )
     got = run_onnx(session, x, tol=tol, max_iter=max_iter, solver=solver)
     probabilities = ref.logits.float().softmax(1).numpy()
+    top2 = np.sort(probabilities, axis=1)[:, -2:]
     result = {
+        "tol": np.broadcast_to(np.asarray(tol, np.float64), (x.shape[0],)).copy(),
+        "top2_gap_torch": top2[:, 1] - top2[:, 0],
         "labels_torch": probabilities.argmax(1),
         "labels_onnx": got["probabilities"].argmax(1),
         "probability_diff": np.abs(probabilities - got["probabilities"]).max(1),
@@ -834,22 +925,22 @@ def verify(
     max_iter[half:] = rng.integers(1, config.solver.max_iter + 1, n - half)
     adaptive = not isinstance(model, ExplicitClassifier)
     solvers = SOLVER_NAMES if adaptive else (config.solver.method,)
-    labels = conv = 0
-    prob = 0.0
-    iters = 0
+    totals = {"label_mismatches": 0, "near_ties": 0, "converged_mismatches": 0}
+    worst = {"max_probability_diff": 0.0, "max_iteration_diff": 0}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for solver in solvers:
             c = compare(model, session, x, tol=tol, max_iter=max_iter, solver=solver)
-            labels += int((c["labels_torch"] != c["labels_onnx"]).sum())
-            prob = max(prob, float(c["probability_diff"].max()))
-            diff = np.abs(c["iterations_torch"] - c["iterations_onnx"])
-            iters = max(iters, int(diff.max()))
-            conv += int((c["converged_torch"] != c["converged_onnx"]).sum())
+            # Random inputs can tie the top two classes: such a label may flip with rounding.
+            summary = agreement(c, label_gap=1e-4)
+            for key in totals:
+                totals[key] += summary[key]
+            for key in worst:
+                worst[key] = max(worst[key], summary[key])
     finally:
         torch.set_num_threads(threads)
-    return Verification(n, tuple(solvers), labels, prob, iters, conv)
+    return Verification(n, tuple(solvers), **totals, **worst)
 
 
 # --- the command's work ------------------------------------------------------------------------

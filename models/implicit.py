@@ -155,7 +155,12 @@ class ImplicitClassifier(nn.Module):
         else:
             with torch.no_grad():
                 z_star, stats = self.solve_fixed_point(
-                    T, z0.detach(), qx.detach(), tol=tol, max_iter=max_iter, solver=solver or defaults.method
+                    T,
+                    z0.detach(),
+                    qx.detach(),
+                    tol=tol,
+                    max_iter=max_iter,
+                    solver=solver or defaults.method,
                 )
             z = differentiable_fixed_point(
                 mode, T, z_star, qx, backprop=self.config.backprop, solver=self.config.solver
@@ -200,7 +205,9 @@ class FixedPointClassifier(ImplicitClassifier):
             spatial = ((h + 1) // 2, (w + 1) // 2)
             self.operator = ConvOperator(c, spatial, arch.gamma)
             pooled = (spatial[0] // 2) * (spatial[1] // 2)
-            self.head = nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(c * pooled, config.num_classes))
+            self.head = nn.Sequential(
+                nn.MaxPool2d(2), nn.Flatten(), nn.Linear(c * pooled, config.num_classes)
+            )
         else:
             self.injection = nn.Sequential(nn.Flatten(), nn.Linear(config.input.numel, arch.width))
             self.operator = LinearOperator(arch.width, arch.gamma)
@@ -224,12 +231,16 @@ class ExplicitClassifier(FixedPointClassifier):
         stats = _uniform_stats(z, self.config.arch.depth, float("inf"), T, qx)
         return ImplicitOutput(self.readout(z), z, stats)
 
-    def forward(self, x: Tensor, *, tol=None, max_iter=None, solver=None, backprop=None) -> ImplicitOutput:
+    def forward(
+        self, x: Tensor, *, tol=None, max_iter=None, solver=None, backprop=None
+    ) -> ImplicitOutput:
         """Solver knobs are accepted for interface compatibility and ignored: depth is fixed."""
         return self._run(x)
 
     @torch.no_grad()
-    def predict(self, x: Tensor, *, tol=None, max_iter=None, solver=None, trace=False) -> ImplicitOutput:
+    def predict(
+        self, x: Tensor, *, tol=None, max_iter=None, solver=None, trace=False
+    ) -> ImplicitOutput:
         """Solver knobs are accepted for interface compatibility and ignored: depth is fixed."""
         out = self._run(x)
         out.extras = self.prediction_extras(out.logits)

@@ -35,7 +35,8 @@ for ``ε < margin / (2 L)``: ``prediction_extras`` returns this ``certified_radi
 ``tol``, whose error is far below typical margins at the default tolerance.
 
 **Training.** ``options["lipschitz_weight"] > 0`` adds ``weight · L`` to the loss (the paper's
-Lipschitz regulariser). :meth:`LinfClassifier.finalize` records ``L`` (``lipschitz_bound_linf``),
+Lipschitz regulariser). The default backprop is JFB (the paper differentiates implicitly:
+``--backprop ift``). :meth:`LinfClassifier.finalize` records ``L`` (``lipschitz_bound_linf``),
 ``μ∞(A)`` and ``α*`` in ``config.options``, so they land in ``config.json``.
 
 **State layout.** ``y = Cz + Du`` reads the input, but a readout sees only the state, so the state
@@ -236,7 +237,7 @@ class LinfClassifier(ImplicitClassifier):
 
 @register_family(
     "linf",
-    default_backprop="ift",
+    default_backprop="jfb",
     description="l-infinity contractive implicit network (Jafarpour et al.): mu_inf(A) < 1 by "
     "construction, average iteration, certified l-infinity radius; option lipschitz_weight",
 )

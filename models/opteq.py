@@ -15,7 +15,8 @@ the smooth part's gradient is ``‖I − W‖ ≤ 1 + γ < 2``-Lipschitz, every 
     E(T(z)) ≤ E(z) − (1 − γ)/2 · ‖T(z) − z‖²
 
 (the standard proximal-gradient descent inequality with step 1 and Lipschitz constant 1 + γ).
-``T`` is also a contraction (``Lip ≤ ‖W‖ ≤ γ``), so the FPN machinery (solvers, JFB, IFT) applies.
+``T`` is also a contraction (``Lip ≤ ‖W‖ ≤ γ``), so the FPN machinery (solvers, JFB, IFT) applies;
+the default backprop is JFB (the paper differentiates implicitly: ``--backprop ift``).
 :meth:`OptEqClassifier.objective` exposes ``E``.
 
 The symmetric, norm-bounded parametrisation: ``W = γ · (K + Kᵀ) / 2`` with ``K`` a bias-free linear
@@ -117,7 +118,7 @@ class OptEqClassifier(FixedPointClassifier):
 
 @register_family(
     "opteq",
-    default_backprop="ift",
+    default_backprop="jfb",
     description="OptEq (Xie et al.): T = relu(Wz + Qx) with W symmetric, ||W|| <= gamma, the "
     "proximal-gradient step of a convex objective whose minimiser is the equilibrium",
 )

@@ -4,8 +4,8 @@ A solver is a pure function ``solve(f, z0, *, context, tol, max_iter, ...) -> (z
 It knows nothing about models, HTTP or datasets.
 
 - ``f(z, *context)`` maps a batch of states to a batch of states; row ``i`` of the output may depend
-  only on row ``i`` of ``z`` and of each context tensor. Solvers rely on this: they call ``f`` on the
-  still-active rows only, so the work shrinks as samples converge, and a sample's answer never
+  only on row ``i`` of ``z`` and of each context tensor. Solvers rely on this: they call ``f`` on
+  the still-active rows only, so the work shrinks as samples converge, and a sample's answer never
   depends on its batch-mates.
 - ``tol`` and ``max_iter`` are scalars or per-sample tensors of shape ``(B,)``.
 - Per-sample residual: ``‖f(z) − z‖₂ / max(‖f(z)‖₂, 1e-12)`` over the flattened state.
@@ -70,12 +70,14 @@ def per_sample(value: float | int | Tensor, batch: int, dtype: torch.dtype, devi
     if t.ndim == 0:
         return t.expand(batch)
     if t.shape != (batch,):
-        raise ValueError(f"per-sample knob must be a scalar or shape ({batch},), got {tuple(t.shape)}")
+        raise ValueError(
+            f"per-sample knob must be a scalar or shape ({batch},), got {tuple(t.shape)}"
+        )
     return t
 
 
 class _ActiveSet:
-    """Bookkeeping shared by the solvers: which rows still iterate, and the results of finished ones.
+    """Bookkeeping shared by the solvers: which rows still iterate, and the finished rows' results.
 
     Finished rows are written into the output buffers once, when they stop; the active rows are
     compacted only on iterations where some row stopped, so a batch whose samples all need the

@@ -49,15 +49,21 @@ def _parse_options(pairs: list[str]) -> dict:
 
 @train_app.command()
 def fpn_train(
-    family: Annotated[str, typer.Option(help=f"model family: {', '.join(sorted(FAMILIES))}")] = "fpn",
+    family: Annotated[
+        str, typer.Option(help=f"model family: {', '.join(sorted(FAMILIES))}")
+    ] = "fpn",
     dataset: Annotated[str, typer.Option(help=f"one of {', '.join(DATASETS)}")] = "mnist",
-    data_dir: Annotated[Optional[Path], typer.Option(help="directory with the dataset files")] = None,  # noqa: UP045
+    data_dir: Annotated[Path | None, typer.Option(help="directory with the dataset files")] = None,
     epochs: int = 1,
-    max_steps: Annotated[Optional[int], typer.Option(help="stop after this many optimiser steps")] = None,  # noqa: UP045
+    max_steps: Annotated[
+        int | None, typer.Option(help="stop after this many optimiser steps")
+    ] = None,
     batch_size: int = 128,
     lr: float = 2e-3,
     weight_decay: float = 1e-4,
-    backprop: Annotated[Optional[str], typer.Option(help="jfb, ift, neumann, unrolled (default: the family's)")] = None,  # noqa: UP045, E501
+    backprop: Annotated[
+        str | None, typer.Option(help="jfb, ift, neumann, unrolled (default: the family's)")
+    ] = None,
     solver: str = "anderson",
     tol: float = 1e-4,
     max_iter: int = 50,
@@ -67,14 +73,20 @@ def fpn_train(
     gamma: Annotated[float, typer.Option(help="Lipschitz bound of T in z, < 1")] = 0.9,
     depth: Annotated[int, typer.Option(help="layers of the explicit family")] = 0,
     augment_shift: Annotated[int, typer.Option(help="random translation in pixels")] = 0,
-    option: Annotated[Optional[list[str]], typer.Option(help="family option KEY=VALUE (repeatable)")] = None,  # noqa: UP045
-    eval_limit: Annotated[Optional[int], typer.Option(help="evaluate on the first N test images")] = None,  # noqa: UP045
+    option: Annotated[
+        list[str] | None, typer.Option(help="family option KEY=VALUE (repeatable)")
+    ] = None,
+    eval_limit: Annotated[
+        int | None, typer.Option(help="evaluate on the first N test images")
+    ] = None,
     out: Annotated[Optional[Path], typer.Option(help="checkpoint directory to write")] = None,  # noqa: UP045
     name: Optional[str] = None,  # noqa: UP045
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     download: Annotated[bool, typer.Option(help="let torchvision download cifar10/svhn")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="print one JSON summary at the end")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="print one JSON summary at the end")
+    ] = False,
 ) -> None:
     """Train with a progress bar, evaluate each epoch, keep the best checkpoint in --out."""
     _choice(family, FAMILIES, "family")
@@ -129,7 +141,13 @@ def fpn_eval(
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     result = evaluate(
-        ckpt.model, test_set, tol=tol, max_iter=max_iter, solver=solver, batch_size=batch_size, device=dev
+        ckpt.model,
+        test_set,
+        tol=tol,
+        max_iter=max_iter,
+        solver=solver,
+        batch_size=batch_size,
+        device=dev,
     )
     if json_output:
         print(json.dumps(result.to_dict()))

@@ -48,7 +48,9 @@ class Dataset:
     def subset(self, limit: int | None) -> Dataset:
         if limit is None or limit >= len(self):
             return self
-        return Dataset(self.name, self.images[:limit], self.labels[:limit], self.classes, self.input)
+        return Dataset(
+            self.name, self.images[:limit], self.labels[:limit], self.classes, self.input
+        )
 
 
 def load_idx(path: str | Path) -> np.ndarray:
@@ -66,11 +68,15 @@ def load_idx(path: str | Path) -> np.ndarray:
     return data.reshape(dims)
 
 
-def _load_idx_dataset(name: str, data_dir: Path, split: str, classes, mean: float, std: float) -> Dataset:
+def _load_idx_dataset(
+    name: str, data_dir: Path, split: str, classes, mean: float, std: float
+) -> Dataset:
     image_file, label_file = IDX_FILES[split]
     for f in (image_file, label_file):
         if not (data_dir / f).is_file():
-            raise FileNotFoundError(f"{data_dir / f}: missing; --data-dir must hold the {name} IDX files")
+            raise FileNotFoundError(
+                f"{data_dir / f}: missing; --data-dir must hold the {name} IDX files"
+            )
     images = torch.from_numpy(load_idx(data_dir / image_file).copy()).float().div_(255.0)
     labels = torch.from_numpy(load_idx(data_dir / label_file).astype(np.int64))
     spec = InputSpec(shape=(1, 28, 28), mean=mean, std=std)
@@ -82,7 +88,9 @@ def synthetic(
 ) -> Dataset:
     """Noisy class prototypes on a ``size``×``size`` grid. Train and test share prototypes."""
     n = n or (2000 if split == "train" else 500)
-    prototypes = torch.rand(num_classes, 1, size, size, generator=torch.Generator().manual_seed(seed))
+    prototypes = torch.rand(
+        num_classes, 1, size, size, generator=torch.Generator().manual_seed(seed)
+    )
     g = torch.Generator().manual_seed(seed + (1 if split == "train" else 2))
     labels = torch.randint(num_classes, (n,), generator=g)
     noise = 0.35 * torch.randn(n, 1, size, size, generator=g)
@@ -93,7 +101,7 @@ def synthetic(
 
 def _torchvision_dataset(name: str, data_dir: Path, split: str, download: bool) -> Dataset:
     try:
-        import torchvision  # noqa: PLC0415 - optional dependency
+        import torchvision
     except ImportError:
         raise RuntimeError(f"{name} needs torchvision: pip install 'fpn-serve[vision]'") from None
     train = split == "train"
@@ -113,7 +121,9 @@ def _torchvision_dataset(name: str, data_dir: Path, split: str, download: bool) 
 DATASETS = ("mnist", "fashion-mnist", "synthetic", "cifar10", "svhn")
 
 
-def load_dataset(name: str, split: str, data_dir: str | Path | None = None, *, download: bool = False) -> Dataset:
+def load_dataset(
+    name: str, split: str, data_dir: str | Path | None = None, *, download: bool = False
+) -> Dataset:
     """Load ``split`` (``train`` or ``test``) of dataset ``name``."""
     if split not in IDX_FILES:
         raise ValueError(f"unknown split {split!r}; available: {sorted(IDX_FILES)}")
@@ -131,7 +141,9 @@ def load_dataset(name: str, split: str, data_dir: str | Path | None = None, *, d
     return _torchvision_dataset(name, data_dir, split, download)
 
 
-def random_shift(images: Tensor, max_shift: int, generator: torch.Generator | None = None) -> Tensor:
+def random_shift(
+    images: Tensor, max_shift: int, generator: torch.Generator | None = None
+) -> Tensor:
     """Translate each image by up to ``max_shift`` pixels (zero fill): the augmentation used for
     MNIST-like data. (N, C, H, W) -> (N, C, H, W)."""
     if max_shift <= 0:

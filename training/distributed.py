@@ -31,7 +31,9 @@ class DistributedContext:
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` = the rank's CUDA device when present, else CPU."""
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        return (
+            torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        )
     return torch.device(name)
 
 

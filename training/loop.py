@@ -102,7 +102,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     ctx, device = distributed.init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     train_set = load_dataset(cfg.dataset, "train", cfg.data_dir, download=cfg.download)
-    test_set = load_dataset(cfg.dataset, "test", cfg.data_dir, download=cfg.download).subset(cfg.eval_limit)
+    test_set = load_dataset(cfg.dataset, "test", cfg.data_dir, download=cfg.download).subset(
+        cfg.eval_limit
+    )
 
     model = create_model(build_model_config(cfg, train_set.input, train_set.classes)).to(device)
     net = DistributedDataParallel(model) if ctx.enabled else model
@@ -134,7 +136,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         )  # fmt: skip
         seen, correct, loss_sum = 0, 0, 0.0
         for b in bar:
-            rows = distributed.shard(permutation[b * cfg.batch_size : (b + 1) * cfg.batch_size], ctx)
+            rows = distributed.shard(
+                permutation[b * cfg.batch_size : (b + 1) * cfg.batch_size], ctx
+            )
             rows = rows.to(device)
             x = random_shift(images[rows], cfg.augment_shift, augment)
             y = labels[rows]
@@ -154,7 +158,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             seen += y.numel()
             correct += int((out.logits.argmax(1) == y).sum())
             loss_sum += loss.item() * y.numel()
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", iters=f"{iterations:.1f}")
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.4f}",
+                acc=f"{correct / seen:.4f}",
+                iters=f"{iterations:.1f}",
+            )
         bar.close()
 
         if ctx.is_main:
@@ -170,7 +178,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             }
             history.append(record)
             tqdm.write(
-                f"epoch {epoch}: loss {record['train_loss']:.4f} train acc {record['train_accuracy']:.4f} "
+                f"epoch {epoch}: loss {record['train_loss']:.4f} "
+                f"train acc {record['train_accuracy']:.4f} "
                 f"test acc {result.accuracy:.4f} iters {result.iterations.mean:.1f} "
                 f"(train {record['train_mean_iterations']:.1f})"
             )

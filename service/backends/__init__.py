@@ -16,6 +16,7 @@ from .base import Backend, BatchRequest, BatchResult, ModelInfo, read_model_info
 
 BACKENDS: dict[str, str | type] = {
     "torch": "service.backends.torch_backend:TorchBackend",
+    "onnxruntime": "service.backends.onnx_backend:OnnxBackend",
 }
 
 

@@ -169,7 +169,7 @@ def assert_gradient_matches_finite_differences(
             p.add_(eps * v)
         numeric = (plus - minus) / (2 * eps)
         assert abs(analytic - numeric) <= rtol * max(abs(numeric), 1e-3), (
-            f"{mode} gradient of {name}: analytic {analytic:.8g} vs finite differences {numeric:.8g}"
+            f"{mode} gradient of {name}: analytic {analytic:.8g}, finite differences {numeric:.8g}"
         )
         checked += 1
     assert checked > 0
@@ -183,8 +183,10 @@ def assert_checkpoint_round_trip(model: ImplicitClassifier, x: Tensor, directory
     loaded = load_checkpoint(directory).model
     assert type(loaded) is type(model)
     assert loaded.config == model.config
-    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
-        assert k == k2 and torch.equal(a, b), k
+    saved, restored = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == restored.keys()
+    for key, value in saved.items():
+        assert torch.equal(value, restored[key]), key
     x = x.float()
     before, after = model.predict(x, tol=1e-5), loaded.predict(x, tol=1e-5)
     torch.testing.assert_close(before.logits, after.logits, rtol=0, atol=0)

@@ -109,7 +109,7 @@ def test_a_short_synthetic_run_learns_and_the_regulariser_shrinks_the_bound(robu
     _, accuracy, _ = train_on_prototypes(plain, steps=120)
     assert accuracy > 0.9
     assert robust_model.lipschitz_bound() < 0.5 * plain.lipschitz_bound()
-    assert get_family("linf").default_backprop == "ift"
+    assert get_family("linf").default_backprop == "jfb"
 
 
 def jacobian(model: LinfClassifier, x: torch.Tensor) -> torch.Tensor:

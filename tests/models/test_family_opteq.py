@@ -85,7 +85,8 @@ def test_the_fixed_point_is_the_minimiser(kind):
     # And no feasible point nearby or far away does better.
     g = torch.Generator().manual_seed(0)
     for scale in (1e-4, 1e-2, 1.0):
-        other = (z_star + scale * torch.randn(z_star.shape, generator=g, dtype=z.dtype)).clamp_min(0)
+        noise = scale * torch.randn(z_star.shape, generator=g, dtype=z.dtype)
+        other = (z_star + noise).clamp_min(0)
         assert (model.objective(other, qx) >= best - 1e-12).all()
     infeasible = z_star.clone()
     infeasible.view(4, -1)[:, 0] = -1.0
@@ -119,4 +120,4 @@ def test_a_short_synthetic_run_learns():
     model = tiny_model("opteq", "mlp", dtype=torch.float32, width=32)
     before, after, _ = train_on_prototypes(model, steps=60)
     assert before < 0.6 and after > 0.95, (before, after)
-    assert get_family("opteq").default_backprop == "ift"
+    assert get_family("opteq").default_backprop == "jfb"

@@ -1,4 +1,4 @@
-"""The ``skip-deq`` family: Skip DEQ (learned ``z0 = g(x)``) and Skip Reg. DEQ (``z0 = T(0; Qx)``)."""
+"""The ``skip-deq`` family: Skip DEQ (learned ``z0 = g(x)``), Skip Reg. DEQ (``z0 = T(0; Qx)``)."""
 
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def test_bundled_skip_deq_needs_30_percent_fewer_iterations_than_fpn_on_mnist(da
     mnist = Path(os.environ.get("FPN_MNIST_DIR", data_dir / "mnist"))
     if not (mnist / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"MNIST not found at {mnist}")
-    paths = {name: REPO / "checkpoints" / f"mnist-{name}" for name in ("fpn-ref", "skip-deq")}
+    paths = {name: REPO / "checkpoints" / f"mnist-{name}" for name in ("fpn-5ep", "skip-deq")}
     for path in paths.values():
         if not (path / "config.json").is_file():
             pytest.skip(f"{path} is not bundled")
@@ -154,8 +154,8 @@ def test_bundled_skip_deq_needs_30_percent_fewer_iterations_than_fpn_on_mnist(da
     results = {}
     for name, path in paths.items():
         model = load_checkpoint(path).model
-        assert model.config.arch == load_checkpoint(paths["fpn-ref"]).model.config.arch
+        assert model.config.arch == load_checkpoint(paths["fpn-5ep"]).model.config.arch
         results[name] = evaluate(model, test_set, tol=1e-4, batch_size=1000)
-    fpn, skip = results["fpn-ref"], results["skip-deq"]
+    fpn, skip = results["fpn-5ep"], results["skip-deq"]
     assert skip.iterations.mean <= 0.7 * fpn.iterations.mean, (fpn, skip)
     assert abs(skip.accuracy - fpn.accuracy) <= 0.002 or skip.accuracy > fpn.accuracy, (fpn, skip)

@@ -1,8 +1,16 @@
 """Service test fixtures: MNIST, a tiny trained checkpoint, real ``fpn-serve`` processes on
-loopback ports (session-scoped), and a fake backend for logic tests through the app factory."""
+loopback ports (session-scoped), and a fake backend for logic tests through the app factory.
+
+The real-server tests run once per backend (``backend``: ``torch``, ``onnxruntime``): for
+onnxruntime, the checkpoints are exported (``fpn-export``'s library call) into copies once per
+session, the servers run with ``FPN_BACKEND=onnxruntime`` and the in-process reference
+(``offline``) is the same ``model.onnx`` run by onnxruntime in this process. How closely
+onnxruntime follows torch is ``tests/models/test_export.py``'s business.
+"""
 
 from __future__ import annotations
 
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +28,7 @@ from service_support import (
     train_tiny_checkpoint,
 )
 
-from models import load_checkpoint
+from models import ImplicitOutput, SolverStats, load_checkpoint
 
 ADMIN_TOKEN = "test-admin-token"
 BUNDLED = REPO_ROOT / "checkpoints" / "mnist-fpn"
@@ -39,12 +47,58 @@ def mnist_test(mnist_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return load_mnist(mnist_dir, "test")
 
 
+BACKENDS = ("torch", "onnxruntime")
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request) -> str:
+    """The backend the real servers run (``FPN_BACKEND``)."""
+    if request.param == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnx")
+    return request.param
+
+
+def served_device(backend: str) -> str:
+    """The device a server with ``FPN_DEVICE=auto`` reports for ``backend``."""
+    if backend == "onnxruntime":
+        import onnxruntime
+
+        gpu = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        return "cuda:0" if gpu else "cpu"
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def for_backend(root: Path, backend: str, tmp_path_factory) -> Path:
+    """``root`` (a model directory) as ``backend`` serves it: itself for torch; for onnxruntime,
+    a copy whose checkpoints carry a ``model.onnx``."""
+    if backend != "onnxruntime":
+        return root
+    from models.export import export_checkpoint
+
+    copy = tmp_path_factory.mktemp(f"{root.name}-onnx")
+    for checkpoint in sorted(p for p in root.iterdir() if (p / "config.json").is_file()):
+        shutil.copytree(checkpoint, copy / checkpoint.name)
+        export_checkpoint(copy / checkpoint.name, samples=16)  # parity: tests/models/test_export
+    return copy
+
+
+def backend_env(backend: str) -> dict[str, str]:
+    return {"FPN_BACKEND": backend}
+
+
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory, mnist_dir: Path) -> Path:
+def trained_dir(tmp_path_factory, mnist_dir: Path) -> Path:
     """A model directory holding one tiny trained checkpoint, ``mnist-tiny``."""
     root = tmp_path_factory.mktemp("models")
     train_tiny_checkpoint(root / "mnist-tiny", mnist_dir)
     return root
+
+
+@pytest.fixture(scope="session")
+def model_dir(trained_dir: Path, backend: str, tmp_path_factory) -> Path:
+    """``trained_dir`` as ``backend`` serves it (exported for onnxruntime)."""
+    return for_backend(trained_dir, backend, tmp_path_factory)
 
 
 class Offline:
@@ -73,9 +127,35 @@ class Offline:
         return out
 
 
+class OnnxOffline(Offline):
+    """The exported ``model.onnx`` run by onnxruntime in the test process (one thread)."""
+
+    def __init__(self, path: Path) -> None:
+        from models.export import onnx_session
+
+        super().__init__(path)
+        self.session = onnx_session(path / "model.onnx", threads=1)
+
+    def predict(self, x: np.ndarray, *, tol=None, max_iter=None, solver=None) -> ImplicitOutput:
+        from models.export import run_onnx
+
+        defaults = self.model.config.solver
+        out = run_onnx(
+            self.session, x,
+            tol=defaults.tol if tol is None else tol,
+            max_iter=defaults.max_iter if max_iter is None else max_iter,
+            solver=solver or defaults.method,
+        )  # fmt: skip
+        stats = SolverStats(
+            *(torch.from_numpy(out[k]) for k in ("iterations", "residual", "converged"))
+        )
+        return ImplicitOutput(torch.from_numpy(out["logits"]), torch.empty(0), stats)
+
+
 @pytest.fixture(scope="session")
-def offline(model_dir: Path) -> Offline:
-    return Offline(model_dir / "mnist-tiny")
+def offline(model_dir: Path, backend: str) -> Offline:
+    reference = OnnxOffline if backend == "onnxruntime" else Offline
+    return reference(model_dir / "mnist-tiny")
 
 
 @pytest.fixture(scope="session")
@@ -99,10 +179,11 @@ SERVERS = {
 
 
 @pytest.fixture(scope="session")
-def servers(model_dir: Path, tmp_path_factory) -> Iterator[dict[str, ServerProcess]]:
+def servers(model_dir: Path, backend: str, tmp_path_factory) -> Iterator[dict[str, ServerProcess]]:
     """Every session server, launched at once (start-up is mostly imports: do them in parallel)."""
+    logs = {name: tmp_path_factory.mktemp(name) / "fpn-serve.log" for name in SERVERS}
     launched = {
-        name: launch_server(model_dir, tmp_path_factory.mktemp(name) / "fpn-serve.log", env)
+        name: launch_server(model_dir, logs[name], {**env, **backend_env(backend)})
         for name, env in SERVERS.items()
     }
     yield launched
@@ -153,7 +234,16 @@ def bundled_checkpoint() -> Path:
 
 
 @pytest.fixture(scope="session")
-def bundled_server(bundled_checkpoint: Path, tmp_path_factory) -> Iterator[ServerProcess]:
-    server = start_server(bundled_checkpoint.parent, tmp_path_factory.mktemp("bundled") / "log")
+def bundled_server(
+    bundled_checkpoint: Path, backend: str, tmp_path_factory
+) -> Iterator[ServerProcess]:
+    """``fpn-serve`` on the bundled checkpoints (``mnist-fpn``, ...) on ``backend``."""
+    root = bundled_checkpoint.parent
+    if backend == "onnxruntime":  # only mnist-fpn: the other bundled models are not under test
+        root = tmp_path_factory.mktemp("bundled-only")
+        shutil.copytree(bundled_checkpoint, root / bundled_checkpoint.name)
+        root = for_backend(root, backend, tmp_path_factory)
+    log = tmp_path_factory.mktemp("bundled") / "log"
+    server = start_server(root, log, backend_env(backend))
     yield server
     _stop_cleanly(server)

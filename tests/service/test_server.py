@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import numpy as np
 import pytest
-import torch
+from conftest import served_device
 from prometheus_client.parser import text_string_to_metric_families
 from service_support import intensities, png_base64
 
@@ -75,13 +75,13 @@ def stable_image(offline, digits: np.ndarray, tols: list[float]) -> np.ndarray:
 
 
 # --- predictions --------------------------------------------------------------------------------
-def test_health_and_listing(server) -> None:
+def test_health_and_listing(server, backend) -> None:
     assert httpx.get(server.url + "/healthz").status_code == 200
     assert httpx.get(server.url + "/readyz").json()["ready"] is True
     (model,) = httpx.get(server.url + "/v1/models").json()["models"]
     assert model["name"] == MODEL
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"  # FPN_DEVICE=auto
-    assert (model["family"], model["device"], model["backend"]) == ("fpn", device, "torch")
+    device = served_device(backend)  # FPN_DEVICE=auto
+    assert (model["family"], model["device"], model["backend"]) == ("fpn", device, backend)
     assert model["input_shape"] == [1, 28, 28] and len(model["classes"]) == 10
     meta = httpx.get(server.url + f"/v1/models/{MODEL}").json()
     assert meta["solver_defaults"] == {"method": "anderson", "tol": 1e-4, "max_iter": 50}
@@ -234,7 +234,7 @@ def test_v2_health_and_metadata(server) -> None:
 
 
 # --- metrics ------------------------------------------------------------------------------------
-def test_metrics_expose_every_spec_metric(server, digits) -> None:
+def test_metrics_expose_every_spec_metric(server, digits, backend) -> None:
     predict(server.url, digits[:2])
     text = httpx.get(server.url + "/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -243,9 +243,9 @@ def test_metrics_expose_every_spec_metric(server, digits) -> None:
         assert family_name in families, f"{name} missing from /metrics"
         assert families[family_name].type == kind
     info = families["fpn_model_info"].samples
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    device = served_device(backend)
     assert [s.labels for s in info] == [
-        {"model": MODEL, "family": "fpn", "backend": "torch", "device": device}
+        {"model": MODEL, "family": "fpn", "backend": backend, "device": device}
     ]
     buckets = [
         float(s.labels["le"]) for s in families["fpn_solver_iterations"].samples

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import ADMIN_TOKEN
+from conftest import ADMIN_TOKEN, backend_env, for_backend
 from service_support import start_server
 from test_server import INFER, MODEL, PREDICT, post_all
 
@@ -93,7 +93,7 @@ def test_admin_reload_needs_the_token(server, batching_server) -> None:
 
 
 @pytest.fixture(scope="module")
-def slow_server(tmp_path_factory):
+def slow_server(tmp_path_factory, backend):
     """An untrained, barely contractive conv model: a solve to tol=1e-6 takes 500 Picard
     iterations (~100 ms); one sample per batch, one queued sample at most."""
     root = tmp_path_factory.mktemp("slow-models")
@@ -102,7 +102,8 @@ def slow_server(tmp_path_factory):
         solver=SolverConfig(method="picard", tol=1e-6, max_iter=500),
     )
     save_checkpoint(create_model(config), root / "slow")
-    env = {"FPN_MAX_BATCH_SIZE": "1", "FPN_MAX_QUEUE_SIZE": "1"}
+    root = for_backend(root, backend, tmp_path_factory)
+    env = {"FPN_MAX_BATCH_SIZE": "1", "FPN_MAX_QUEUE_SIZE": "1", **backend_env(backend)}
     server = start_server(root, tmp_path_factory.mktemp("slow") / "log", env)
     yield server
     server.stop()
@@ -120,8 +121,8 @@ def test_full_queue_is_503_with_retry_after(slow_server) -> None:
             assert int(r.headers["Retry-After"]) >= 1
 
 
-def test_sigterm_finishes_queued_and_in_flight_requests(model_dir, tmp_path: Path) -> None:
-    env = {"FPN_MAX_QUEUE_DELAY_MS": "1500"}
+def test_sigterm_finishes_queued_and_in_flight_requests(model_dir, backend, tmp_path: Path) -> None:
+    env = {"FPN_MAX_QUEUE_DELAY_MS": "1500", **backend_env(backend)}
     server = start_server(model_dir, tmp_path / "log", env)
     results: list[httpx.Response] = []
 

@@ -1,4 +1,4 @@
-"""Datasets: the real IDX files parse to what their README states; synthetic data is reproducible."""
+"""Datasets: the real IDX files parse to what their README states; synthetic data reproduces."""
 
 import gzip
 
@@ -12,7 +12,7 @@ def test_mnist_test_split_matches_the_published_class_counts(data_dir):
     ds = load_dataset("mnist", "test", data_dir / "mnist")
     assert ds.images.shape == (10000, 1, 28, 28)
     assert ds.images.dtype == torch.float32
-    assert 0.0 <= float(ds.images.min()) and float(ds.images.max()) == 1.0
+    assert float(ds.images.min()) >= 0.0 and float(ds.images.max()) == 1.0
     counts = torch.bincount(ds.labels, minlength=10).tolist()
     assert counts == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
@@ -33,7 +33,7 @@ def test_load_idx_rejects_a_truncated_file(tmp_path, data_dir):
 
 
 def test_missing_data_dir_names_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte.gz"):
+    with pytest.raises(FileNotFoundError, match=r"t10k-images-idx3-ubyte\.gz"):
         load_dataset("mnist", "test", tmp_path)
 
 

@@ -65,7 +65,13 @@ def test_fpn_train_cli_prints_the_spec_json_summary(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    keys = {"test_accuracy", "seconds_per_step", "peak_memory_bytes", "mean_train_iterations", "checkpoint"}
+    keys = {
+        "test_accuracy",
+        "seconds_per_step",
+        "peak_memory_bytes",
+        "mean_train_iterations",
+        "checkpoint",
+    }
     assert keys <= set(summary)
     config = json.loads((out / "config.json").read_text())
     assert config["family"] == "deq" and config["training"]["backprop"] == "ift"
@@ -106,7 +112,7 @@ def test_fpn_eval_on_a_corrupt_checkpoint_names_the_file(tmp_path, repo_root):
 
 @pytest.mark.slow
 def test_ddp_on_two_gloo_processes_matches_one_process(tmp_path):
-    """torchrun with 2 CPU processes follows the 1-process run: same global batches, averaged grads."""
+    """torchrun with 2 CPU processes follows the 1-process run (same global batches, mean grads)."""
     common = [
         "--dataset", "synthetic", "--arch", "mlp", "--width", "32", "--max-steps", "8",
         "--batch-size", "64", "--device", "cpu", "--lr", "1e-2", "--seed", "3",

@@ -1,0 +1,207 @@
+"""The model families side by side (BENCHMARKS.md, "Model families"), measured in one run.
+
+For each bundled checkpoint (trained by ``bench/train_families.sh`` with one shared budget), on
+one machine and in one process:
+
+- test accuracy, mean / p95 iterations, mean residual, fraction converged and images/s on the
+  whole test split at ``tol=1e-4`` with the checkpoint's own solver, through
+  ``training.evaluate.evaluate`` (what ``fpn-eval`` runs), batches of 500;
+- parameters;
+- seconds per training step: the median of ``--steps`` optimiser steps (after 3 warm-up steps)
+  on batches of 128 training images, with the checkpoint's backprop mode, starting from its
+  trained weights (so the solver depths are the trained model's);
+- for ``linf``: the recorded Lipschitz bound, the mean certified ℓ∞ radius and the certified
+  accuracy (correct and radius ≥ ε) at a few ε, plus its iterations with the paper's average
+  iteration (``picard`` with step α*, ``max_iter`` 2000);
+- the Skip DEQ claim: mean iterations of ``mnist-skip-deq`` against ``mnist-fpn-5ep`` (the same
+  operator, the same budget) at equal tolerance, with their accuracies.
+
+    python bench/families.py --data-root ../shared/data --out bench/results/families.json
+
+prints the markdown tables and writes every number to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models import cross_entropy, load_checkpoint  # noqa: E402
+from training.data import load_dataset  # noqa: E402
+from training.evaluate import evaluate  # noqa: E402
+
+MNIST = ("fpn-5ep", "skip-deq", "skip-reg", "cdeq", "opteq", "linf")
+FASHION = ("fpn", "skip-deq", "linf")
+EPSILONS = (0.01, 0.03, 0.1)
+
+
+def time_training_steps(model, dataset, *, steps: int, batch: int = 128, seed: int = 0) -> float:
+    """Median seconds per optimiser step (forward, backward, AdamW step) over ``steps`` steps."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    times = []
+    for i in range(steps + 3):
+        rows = torch.randint(len(dataset), (batch,), generator=g)
+        x, y = dataset.images[rows], dataset.labels[rows]
+        start = time.perf_counter()
+        loss = cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    model.eval()
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def certified(model, dataset, batch: int = 500) -> dict:
+    """Mean certified radius and certified accuracy at EPSILONS (linf only)."""
+    radii, correct = [], []
+    for i in range(0, len(dataset), batch):
+        out = model.predict(dataset.images[i : i + batch], tol=1e-4)
+        radii.append(out.extras["certified_radius_linf"])
+        correct.append(out.logits.argmax(1) == dataset.labels[i : i + batch])
+    radius, correct = torch.cat(radii), torch.cat(correct)
+    return {
+        "lipschitz_bound_linf": float(model.lipschitz_bound()),
+        "recorded_lipschitz_bound_linf": model.config.options["lipschitz_bound_linf"],
+        "mean_certified_radius_linf": float(radius.mean()),
+        "median_certified_radius_linf": float(radius.median()),
+        "certified_accuracy": {
+            str(eps): float((correct & (radius >= eps)).double().mean()) for eps in EPSILONS
+        },
+    }
+
+
+def measure(name: str, dataset_name: str, data_root: Path, steps: int, cache: dict) -> dict:
+    path = ROOT / "checkpoints" / name
+    checkpoint = load_checkpoint(path)
+    model = checkpoint.model
+    if dataset_name not in cache:
+        data_dir = data_root / dataset_name
+        cache[dataset_name] = (
+            load_dataset(dataset_name, "train", data_dir),
+            load_dataset(dataset_name, "test", data_dir),
+        )
+    train_set, test_set = cache[dataset_name]
+    config = model.config
+    result = evaluate(model, test_set, tol=1e-4, batch_size=500)
+    row = {
+        "checkpoint": f"checkpoints/{name}",
+        "family": config.family,
+        "options": {k: v for k, v in config.options.items() if not k.endswith("_linf")},
+        "arch": f"{config.arch.kind} "
+        + (f"{config.arch.channels}ch" if config.arch.kind == "conv" else f"w{config.arch.width}"),
+        "solver": config.solver.method if config.family != "cdeq" else config.options["ode_method"],
+        "backprop": config.backprop.mode,
+        "training_command": checkpoint.training.get("command"),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "size_bytes": sum(f.stat().st_size for f in path.iterdir()),
+        **result.to_dict(),
+    }
+    if config.family == "linf":
+        row.update(certified(model, test_set))
+        picard = evaluate(
+            model, test_set, tol=1e-4, max_iter=2000, batch_size=500, solver="picard"
+        )
+        row["picard"] = {
+            "step_size": model.config.options["step_size_linf"],
+            "accuracy": picard.accuracy,
+            "iterations": picard.to_dict()["iterations"],
+            "converged_fraction": picard.converged_fraction,
+            "images_per_second": picard.images_per_second,
+        }
+    row["seconds_per_step"] = time_training_steps(model, train_set, steps=steps)
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| checkpoint | family | backprop | solver | test acc. | params | mean it. | p95 it. "
+        "| converged | s / train step | images/s |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        it = r["iterations"]
+        lines.append(
+            f"| `{r['checkpoint'].split('/')[-1]}` | `{r['family']}` | {r['backprop']} "
+            f"| {r['solver']} | {100 * r['accuracy']:.2f}% | {r['parameters']:,} "
+            f"| {it['mean']:.2f} | {it['p95']:.0f} | {100 * r['converged_fraction']:.1f}% "
+            f"| {r['seconds_per_step']:.3f} | {r['images_per_second']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per model")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "families.json")
+    args = parser.parse_args()
+    load_before = os.getloadavg()
+    torch.manual_seed(0)
+    cache: dict = {}
+    tables = {}
+    for dataset_name, names in (("mnist", MNIST), ("fashion-mnist", FASHION)):
+        rows = []
+        for short in names:
+            name = f"{dataset_name}-{short}"
+            print(f"measuring {name} ...", file=sys.stderr, flush=True)
+            rows.append(measure(name, dataset_name, args.data_root, args.steps, cache))
+        tables[dataset_name] = rows
+        print(f"\n{dataset_name}\n\n{markdown(rows)}\n")
+
+    by_name = {r["checkpoint"].split("/")[-1]: r for r in tables["mnist"]}
+    fpn, skip = by_name["mnist-fpn-5ep"], by_name["mnist-skip-deq"]
+    claim = {
+        "fpn_mean_iterations": fpn["iterations"]["mean"],
+        "skip_deq_mean_iterations": skip["iterations"]["mean"],
+        "reduction": 1 - skip["iterations"]["mean"] / fpn["iterations"]["mean"],
+        "fpn_accuracy": fpn["accuracy"],
+        "skip_deq_accuracy": skip["accuracy"],
+        "accuracy_difference": skip["accuracy"] - fpn["accuracy"],
+    }
+    claim["holds"] = claim["reduction"] >= 0.3 and abs(claim["accuracy_difference"]) <= 0.002
+    print("skip-deq vs fpn (MNIST test set, tol 1e-4):", json.dumps(claim, indent=1))
+    for table in tables.values():
+        for r in table:
+            if r["family"] == "linf":
+                print(
+                    f"{r['checkpoint']}: bound {r['lipschitz_bound_linf']:.1f}, mean radius "
+                    f"{r['mean_certified_radius_linf']:.4f}, certified accuracy "
+                    f"{r['certified_accuracy']}, picard (α*) iterations "
+                    f"{r['picard']['iterations']['mean']:.1f}"
+                )
+    document = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "load_average_before": load_before,
+        },
+        "tol": 1e-4,
+        "tables": tables,
+        "skip_deq_claim": claim,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
