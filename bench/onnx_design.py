@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -178,20 +179,16 @@ def main() -> None:
                 max_iter = np.full(b, config.solver.max_iter, np.int64)
                 repeats = 50 if b == 1 else 10
                 xt, tt, mt = (torch.from_numpy(v) for v in (x, tol, max_iter))
+                torch_call = partial(model.predict, xt, tol=tt, max_iter=mt, solver=solver)
+                loop_call = partial(E.run_onnx, loop, x, tol=tol, max_iter=max_iter, solver=solver)
+                host_call = partial(host.predict, x, tol, max_iter, solver)
                 with torch.inference_mode():
-                    ref = model.predict(xt, tol=tt, max_iter=mt, solver=solver)
-                    t_torch = median_ms(
-                        lambda: model.predict(  # noqa: B023
-                            xt, tol=tt, max_iter=mt, solver=solver
-                        ),
-                        repeats,
-                    )  # noqa: B023
-                got = E.run_onnx(loop, x, tol=tol, max_iter=max_iter, solver=solver)
-                t_loop = median_ms(
-                    lambda: E.run_onnx(loop, x, tol=tol, max_iter=max_iter, solver=solver), repeats
-                )  # noqa: B023
-                _, host_iters = host.predict(x, tol, max_iter, solver)
-                t_host = median_ms(lambda: host.predict(x, tol, max_iter, solver), repeats)  # noqa: B023
+                    ref = torch_call()
+                    t_torch = median_ms(torch_call, repeats)
+                got = loop_call()
+                t_loop = median_ms(loop_call, repeats)
+                _, host_iters = host_call()
+                t_host = median_ms(host_call, repeats)
                 its = [float(ref.stats.iterations.float().mean()), float(got["iterations"].mean()),
                        float(host_iters.mean())]  # fmt: skip
                 entry[f"{solver}-b{b}"] = {

@@ -131,6 +131,9 @@ def check_exportable(config: ModelConfig) -> None:
 
 def _plan(model: ImplicitClassifier) -> _Plan:
     check_exportable(model.config)
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes != {torch.float32}:
+        raise ExportError(f"the exported graph is float32; the model is {sorted(map(str, dtypes))}")
     model.eval()
     solver = model.config.solver
     anderson = {
@@ -328,9 +331,9 @@ class _Graph:
         return self.names.const(np.asarray(value, dtype=dtype))
 
     def inline(self, part: onnx.ModelProto, inputs: dict[str, str], prefix: str) -> list[str]:
-        """Copy ``part``'s nodes here, its graph inputs bound to ``inputs``; its initializers
-        become model initializers (once per part, whatever the number of copies). Returns the
-        names of its outputs, in order."""
+        """Copy ``part``'s nodes here, its graph inputs bound to ``inputs``. Its initializers
+        become initializers of this graph (``local``) or of the model, once per part whatever the
+        number of copies. Returns the names of its outputs, in order."""
         import onnx
 
         graph = part.graph
@@ -430,7 +433,6 @@ class _LoopState:
     iterations: str
     residual: str
     converged: str
-    extra: tuple[str, ...] = ()
 
 
 def _record(

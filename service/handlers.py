@@ -34,6 +34,7 @@ from .errors import (
     ServiceError,
     Unauthorized,
 )
+from .backends import UnsupportedModel
 from .runtime import ModelRegistry, ModelRuntime, StartupError
 from .schemas import PredictRequest, V2InferenceRequest, V2Parameters
 from .settings import Settings
@@ -274,7 +275,7 @@ class Handler:
         started = time.perf_counter()
         try:
             info = await runtime.reload()
-        except StartupError as exc:
+        except (StartupError, UnsupportedModel) as exc:
             raise ServiceError(str(exc), status=409, code="reload_failed") from None
         return Reply(
             {

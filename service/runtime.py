@@ -18,7 +18,14 @@ import numpy as np
 
 from models import CheckpointError
 
-from .backends import Backend, BatchRequest, BatchResult, ModelInfo, get_backend
+from .backends import (
+    Backend,
+    BatchRequest,
+    BatchResult,
+    ModelInfo,
+    UnsupportedModel,
+    get_backend,
+)
 from .batcher import Batcher
 from .errors import ModelNotFound
 from .metrics import Metrics
@@ -67,6 +74,8 @@ class ModelRuntime:
             info = backend.load(
                 self.path, device=self.settings.device, num_threads=self.settings.num_threads
             )
+        except UnsupportedModel:
+            raise
         except CheckpointError as exc:
             raise StartupError(str(exc)) from None
         except (RuntimeError, ValueError, OSError) as exc:
@@ -206,11 +215,18 @@ class ModelRegistry:
         return found
 
     async def load_all(self) -> None:
-        """Load every checkpoint (fails fast, naming the file, on the first that cannot load)."""
+        """Load every checkpoint. Fails fast, naming the file, on the first that cannot load;
+        a valid checkpoint that the configured backend cannot serve is skipped with an error
+        in the log, so one such model does not keep the others from serving."""
         for path in self.discover():
             runtime = ModelRuntime(path.name, path, self.settings, self.metrics)
+            try:
+                await runtime.load()
+            except UnsupportedModel as exc:
+                log.error("skipping model %s: %s", path.name, exc)
+                runtime.executor.shutdown(wait=False)
+                continue
             self.models[path.name] = runtime
-            await runtime.load()
             log.info("loaded %s from %s", path.name, path)
 
     async def warm_all(self) -> None:

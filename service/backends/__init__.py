@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Backend, BatchRequest, BatchResult, ModelInfo, read_model_info
+from .base import (
+    Backend,
+    BatchRequest,
+    BatchResult,
+    ModelInfo,
+    UnsupportedModel,
+    read_model_info,
+)
 
 BACKENDS: dict[str, str | type] = {
     "torch": "service.backends.torch_backend:TorchBackend",
@@ -38,6 +45,7 @@ __all__ = [
     "BatchRequest",
     "BatchResult",
     "ModelInfo",
+    "UnsupportedModel",
     "get_backend",
     "read_model_info",
 ]

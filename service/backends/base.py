@@ -19,6 +19,11 @@ from models.checkpoint import read_config
 _METADATA_KEYS = ("format_version", "name", "training", "metrics")
 
 
+class UnsupportedModel(CheckpointError):
+    """A valid checkpoint that this backend cannot serve (e.g. a family it cannot run). The
+    registry skips such a model, with an error in the log, instead of refusing to start."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the service knows about a loaded checkpoint, independent of the backend."""

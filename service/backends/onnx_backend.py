@@ -35,7 +35,7 @@ from models.export import (
     check_fresh,
 )
 
-from .base import BatchRequest, BatchResult, ModelInfo, read_model_info
+from .base import BatchRequest, BatchResult, ModelInfo, UnsupportedModel, read_model_info
 
 log = logging.getLogger("fpn_serve.onnx")
 
@@ -85,6 +85,7 @@ class OnnxBackend:
     def __init__(self) -> None:
         self.session = None
         self.outputs: list[str] = []
+        self.classes = 0
         self.extras: list[str] = []
         self.providers: list[str] = []
 
@@ -95,7 +96,7 @@ class OnnxBackend:
         try:
             check_exportable(config)
         except ExportError as exc:
-            raise CheckpointError(
+            raise UnsupportedModel(
                 f"{path}: FPN_BACKEND=onnxruntime cannot serve it: {exc}"
             ) from None
         if not onnx_path.is_file():
@@ -126,6 +127,7 @@ class OnnxBackend:
                 "the gpu extra, to serve on CUDA)", name, self.providers[0],
             )  # fmt: skip
         self.session = session
+        self.classes = config.num_classes
         self.outputs = [o.name for o in session.get_outputs()]
         self.extras = [o for o in self.outputs if o not in OUTPUTS]
         in_use = f"cuda:{_cuda_index(wanted)}" if self.providers[0] == CUDA else "cpu"
@@ -170,7 +172,7 @@ class OnnxBackend:
         }
         if n == 0:
             return BatchResult(
-                probabilities=np.zeros((0, 0), np.float32),
+                probabilities=np.zeros((0, self.classes), np.float32),
                 iterations=np.zeros(0, np.int64),
                 residual=np.zeros(0, np.float32),
                 converged=np.zeros(0, bool),

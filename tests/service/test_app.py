@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from models import ArchConfig, ModelConfig, create_model, save_checkpoint
 from service.app import create_app
-from service.backends import BACKENDS
+from service.backends import BACKENDS, UnsupportedModel
 from service.settings import Settings
 
 MODEL = "fake-model"
@@ -366,6 +366,28 @@ def test_reload_is_404_when_no_token_is_configured(fake_dir) -> None:
     with TestClient(create_app(settings(fake_dir))) as client:
         response = client.post(f"/v1/models/{MODEL}/reload", headers={"Authorization": "Bearer x"})
         assert response.status_code == 404 and error_of(response) == "not_found"
+
+
+def test_a_checkpoint_the_backend_cannot_serve_is_skipped_not_fatal(
+    tmp_path, fake_backend, monkeypatch, caplog
+) -> None:
+    for name in ("servable", "unservable"):
+        save_checkpoint(
+            create_model(ModelConfig(arch=ArchConfig(kind="mlp", width=8))), tmp_path / name
+        )
+    load = FakeBackend.load
+
+    def refuse_unservable(self, path, **kwargs):
+        if Path(path).name == "unservable":
+            raise UnsupportedModel(f"{path}: the fake backend cannot serve this family")
+        return load(self, path, **kwargs)
+
+    monkeypatch.setattr(FakeBackend, "load", refuse_unservable)
+    with TestClient(create_app(settings(tmp_path))) as client:
+        wait_ready(client)
+        assert [m["name"] for m in client.get("/v1/models").json()["models"]] == ["servable"]
+        assert client.get("/v1/models/unservable").status_code == 404
+    assert "skipping model unservable" in caplog.text
 
 
 def test_not_ready_is_503_until_warm(fake_dir, fake_backend) -> None:
