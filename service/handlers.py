@@ -23,6 +23,7 @@ from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 from . import __version__, jsonio
+from .backends import UnsupportedModel
 from .batcher import ItemResult, WorkItem
 from .errors import (
     BatchTooLarge,
@@ -34,7 +35,6 @@ from .errors import (
     ServiceError,
     Unauthorized,
 )
-from .backends import UnsupportedModel
 from .runtime import ModelRegistry, ModelRuntime, StartupError
 from .schemas import PredictRequest, V2InferenceRequest, V2Parameters
 from .settings import Settings
