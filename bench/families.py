@@ -3,13 +3,16 @@
 For each bundled checkpoint (trained by ``bench/train_families.sh`` with one shared budget), on
 one machine and in one process:
 
-- test accuracy, mean / p95 iterations, mean residual, fraction converged and images/s on the
-  whole test split at ``tol=1e-4`` with the checkpoint's own solver, through
-  ``training.evaluate.evaluate`` (what ``fpn-eval`` runs), batches of 500;
+- test accuracy, mean / p95 iterations, mean residual and fraction converged on the whole test
+  split at ``tol=1e-4`` with the checkpoint's own solver, through ``training.evaluate.evaluate``
+  (what ``fpn-eval`` runs), batches of 500;
 - parameters;
-- seconds per training step: the median of ``--steps`` optimiser steps (after 3 warm-up steps)
-  on batches of 128 training images, with the checkpoint's backprop mode, starting from its
-  trained weights (so the solver depths are the trained model's);
+- speed, in ``--rounds`` interleaved rounds (every model once per round, so a burst of load on a
+  shared machine hits all models alike; the figure is the median over rounds): images/s of
+  ``predict`` on the first 2,000 test images in batches of 500 at ``tol=1e-4``, and seconds per
+  training step, the median of ``--steps`` optimiser steps (after 2 warm-up steps) on batches of
+  128 training images with the checkpoint's backprop mode, from a copy of its trained weights
+  (so the solver depths are the trained model's);
 - for ``linf``: the recorded Lipschitz bound, the mean certified ℓ∞ radius and the certified
   accuracy (correct and radius ≥ ε) at a few ε, plus its iterations with the paper's average
   iteration (``picard`` with step α*, ``max_iter`` 2000);
@@ -24,6 +27,7 @@ prints the markdown tables and writes every number to ``--out``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -47,12 +51,13 @@ EPSILONS = (0.01, 0.03, 0.1)
 
 
 def time_training_steps(model, dataset, *, steps: int, batch: int = 128, seed: int = 0) -> float:
-    """Median seconds per optimiser step (forward, backward, AdamW step) over ``steps`` steps."""
-    model.train()
+    """Median seconds per optimiser step (forward, backward, AdamW step) over ``steps`` steps, on a
+    copy of ``model`` (the model itself is not trained)."""
+    model = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(seed)
     times = []
-    for i in range(steps + 3):
+    for i in range(steps + 2):
         rows = torch.randint(len(dataset), (batch,), generator=g)
         x, y = dataset.images[rows], dataset.labels[rows]
         start = time.perf_counter()
@@ -60,10 +65,18 @@ def time_training_steps(model, dataset, *, steps: int, batch: int = 128, seed: i
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if i >= 3:
+        if i >= 2:
             times.append(time.perf_counter() - start)
-    model.eval()
     return statistics.median(times)
+
+
+@torch.no_grad()
+def images_per_second(model, dataset, *, n: int = 2000, batch: int = 500) -> float:
+    model.eval()
+    start = time.perf_counter()
+    for i in range(0, n, batch):
+        model.predict(dataset.images[i : min(i + batch, n)], tol=1e-4)
+    return n / (time.perf_counter() - start)
 
 
 @torch.no_grad()
@@ -86,7 +99,8 @@ def certified(model, dataset, batch: int = 500) -> dict:
     }
 
 
-def measure(name: str, dataset_name: str, data_root: Path, steps: int, cache: dict) -> dict:
+def measure(name: str, dataset_name: str, data_root: Path, cache: dict) -> dict:
+    """Everything but speed (see :func:`main`) for ``checkpoints/<name>``."""
     path = ROOT / "checkpoints" / name
     checkpoint = load_checkpoint(path)
     model = checkpoint.model
@@ -96,7 +110,7 @@ def measure(name: str, dataset_name: str, data_root: Path, steps: int, cache: di
             load_dataset(dataset_name, "train", data_dir),
             load_dataset(dataset_name, "test", data_dir),
         )
-    train_set, test_set = cache[dataset_name]
+    test_set = cache[dataset_name][1]
     config = model.config
     result = evaluate(model, test_set, tol=1e-4, batch_size=500)
     row = {
@@ -114,9 +128,7 @@ def measure(name: str, dataset_name: str, data_root: Path, steps: int, cache: di
     }
     if config.family == "linf":
         row.update(certified(model, test_set))
-        picard = evaluate(
-            model, test_set, tol=1e-4, max_iter=2000, batch_size=500, solver="picard"
-        )
+        picard = evaluate(model, test_set, tol=1e-4, max_iter=2000, batch_size=500, solver="picard")
         row["picard"] = {
             "step_size": model.config.options["step_size_linf"],
             "accuracy": picard.accuracy,
@@ -124,7 +136,7 @@ def measure(name: str, dataset_name: str, data_root: Path, steps: int, cache: di
             "converged_fraction": picard.converged_fraction,
             "images_per_second": picard.images_per_second,
         }
-    row["seconds_per_step"] = time_training_steps(model, train_set, steps=steps)
+    row["evaluate_images_per_second"] = row.pop("images_per_second")  # not interleaved
     return row
 
 
@@ -148,21 +160,39 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--steps", type=int, default=20, help="timed training steps per model")
+    parser.add_argument("--steps", type=int, default=8, help="timed training steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "families.json")
     args = parser.parse_args()
     load_before = os.getloadavg()
     torch.manual_seed(0)
     cache: dict = {}
-    tables = {}
+    tables: dict[str, list[dict]] = {}
     for dataset_name, names in (("mnist", MNIST), ("fashion-mnist", FASHION)):
-        rows = []
+        tables[dataset_name] = []
         for short in names:
             name = f"{dataset_name}-{short}"
             print(f"measuring {name} ...", file=sys.stderr, flush=True)
-            rows.append(measure(name, dataset_name, args.data_root, args.steps, cache))
-        tables[dataset_name] = rows
-        print(f"\n{dataset_name}\n\n{markdown(rows)}\n")
+            tables[dataset_name].append(measure(name, dataset_name, args.data_root, cache))
+    rows = [(d, r) for d, table in tables.items() for r in table]
+    models = {r["checkpoint"]: load_checkpoint(ROOT / r["checkpoint"]).model for _, r in rows}
+    speed: dict[str, dict[str, list[float]]] = {k: {"ips": [], "step": []} for k in models}
+    for round_ in range(args.rounds):
+        print(f"speed round {round_ + 1}/{args.rounds} ...", file=sys.stderr, flush=True)
+        for dataset_name, r in rows:
+            train_set, test_set = cache[dataset_name]
+            model = models[r["checkpoint"]]
+            speed[r["checkpoint"]]["ips"].append(images_per_second(model, test_set))
+            speed[r["checkpoint"]]["step"].append(
+                time_training_steps(model, train_set, steps=args.steps, seed=round_)
+            )
+    for _, r in rows:
+        s = speed[r["checkpoint"]]
+        r["images_per_second"] = statistics.median(s["ips"])
+        r["seconds_per_step"] = statistics.median(s["step"])
+        r["speed_rounds"] = {"images_per_second": s["ips"], "seconds_per_step": s["step"]}
+    for dataset_name, table in tables.items():
+        print(f"\n{dataset_name}\n\n{markdown(table)}\n")
 
     by_name = {r["checkpoint"].split("/")[-1]: r for r in tables["mnist"]}
     fpn, skip = by_name["mnist-fpn-5ep"], by_name["mnist-skip-deq"]
@@ -193,8 +223,11 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
         },
         "tol": 1e-4,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
         "tables": tables,
         "skip_deq_claim": claim,
     }

@@ -234,8 +234,11 @@ def anderson_solve(
         # singular system must not fail the batch, and it does not synchronise with a GPU.
         weights, info = torch.linalg.solve_ex(gram, gram.new_ones(gram.shape[0], used, 1))
         alpha = weights / weights.sum(1, keepdim=True)  # (A, used, 1)
-        mixed_f = (alpha * F[:, :used]).sum(1)
-        x = mixed_f if mixing == 1.0 else torch.lerp((alpha * X[:, :used]).sum(1), mixed_f, mixing)
+        weights_t = alpha.transpose(1, 2)  # (A, 1, used): bmm, no (A, used, n) temporary
+        mixed_f = torch.bmm(weights_t, F[:, :used]).squeeze(1)
+        if mixing != 1.0:
+            mixed_f = torch.lerp(torch.bmm(weights_t, X[:, :used]).squeeze(1), mixed_f, mixing)
+        x = mixed_f
         # A failed or overflowing extrapolation costs that sample a plain step, never a NaN state.
         ok = (info == 0) & torch.isfinite(x).all(1)  # (A,)
         x = torch.where(ok[:, None], x, fx)
