@@ -7,8 +7,9 @@ one machine and in one process:
   split at ``tol=1e-4`` with the checkpoint's own solver, through ``training.evaluate.evaluate``
   (what ``fpn-eval`` runs), batches of 500;
 - parameters;
-- speed, in ``--rounds`` interleaved rounds (every model once per round, so a burst of load on a
-  shared machine hits all models alike; the figure is the median over rounds): images/s of
+- speed, in ``--rounds`` interleaved rounds (every model once per round; on a shared machine a
+  burst of other work slows whatever runs during it, so the figure is the best round, the least
+  disturbed, and every round is kept in the JSON): images/s of
   ``predict`` on the first 2,000 test images in batches of 500 at ``tol=1e-4``, and seconds per
   training step, the median of ``--steps`` optimiser steps (after 2 warm-up steps) on batches of
   128 training images with the checkpoint's backprop mode, from a copy of its trained weights
@@ -161,7 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "families.json")
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -177,8 +178,10 @@ def main() -> None:
     rows = [(d, r) for d, table in tables.items() for r in table]
     models = {r["checkpoint"]: load_checkpoint(ROOT / r["checkpoint"]).model for _, r in rows}
     speed: dict[str, dict[str, list[float]]] = {k: {"ips": [], "step": []} for k in models}
+    round_loads = []
     for round_ in range(args.rounds):
         print(f"speed round {round_ + 1}/{args.rounds} ...", file=sys.stderr, flush=True)
+        round_loads.append(os.getloadavg())
         for dataset_name, r in rows:
             train_set, test_set = cache[dataset_name]
             model = models[r["checkpoint"]]
@@ -188,8 +191,8 @@ def main() -> None:
             )
     for _, r in rows:
         s = speed[r["checkpoint"]]
-        r["images_per_second"] = statistics.median(s["ips"])
-        r["seconds_per_step"] = statistics.median(s["step"])
+        r["images_per_second"] = max(s["ips"])
+        r["seconds_per_step"] = min(s["step"])
         r["speed_rounds"] = {"images_per_second": s["ips"], "seconds_per_step": s["step"]}
     for dataset_name, table in tables.items():
         print(f"\n{dataset_name}\n\n{markdown(table)}\n")
@@ -224,6 +227,7 @@ def main() -> None:
             "torch": torch.__version__,
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
+            "load_average_at_each_speed_round": round_loads,
         },
         "tol": 1e-4,
         "rounds": args.rounds,

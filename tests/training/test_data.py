@@ -8,8 +8,8 @@ import torch
 from training.data import load_dataset, load_idx, random_shift, synthetic
 
 
-def test_mnist_test_split_matches_the_published_class_counts(data_dir):
-    ds = load_dataset("mnist", "test", data_dir / "mnist")
+def test_mnist_test_split_matches_the_published_class_counts(mnist_dir):
+    ds = load_dataset("mnist", "test", mnist_dir)
     assert ds.images.shape == (10000, 1, 28, 28)
     assert ds.images.dtype == torch.float32
     assert float(ds.images.min()) >= 0.0 and float(ds.images.max()) == 1.0
@@ -24,8 +24,8 @@ def test_load_idx_rejects_a_file_that_is_not_idx(tmp_path):
         load_idx(bad)
 
 
-def test_load_idx_rejects_a_truncated_file(tmp_path, data_dir):
-    raw = gzip.decompress((data_dir / "mnist" / "t10k-labels-idx1-ubyte.gz").read_bytes())
+def test_load_idx_rejects_a_truncated_file(tmp_path, mnist_dir):
+    raw = gzip.decompress((mnist_dir / "t10k-labels-idx1-ubyte.gz").read_bytes())
     cut = tmp_path / "cut.gz"
     cut.write_bytes(gzip.compress(raw[:-10]))
     with pytest.raises(ValueError, match="header says"):

@@ -42,9 +42,9 @@ def test_every_backprop_mode_trains(tmp_path, backprop):
     assert result.test_accuracy > 0.9
 
 
-def test_conv_model_trains_on_a_few_mnist_steps(tmp_path, data_dir):
+def test_conv_model_trains_on_a_few_mnist_steps(tmp_path, mnist_dir):
     cfg = TrainConfig(
-        dataset="mnist", data_dir=str(data_dir / "mnist"), max_steps=30, batch_size=64,
+        dataset="mnist", data_dir=str(mnist_dir), max_steps=30, batch_size=64,
         channels=8, eval_limit=500, out=str(tmp_path / "m"), progress=False, device="cpu",
     )  # fmt: skip
     result = train(cfg)
@@ -84,10 +84,10 @@ def test_fpn_train_rejects_an_unknown_family_with_the_list():
     assert "unknown family 'nope'" in done.stderr and "fpn" in done.stderr
 
 
-def test_fpn_eval_cli_reports_the_spec_keys_on_the_bundled_model(repo_root, data_dir):
+def test_fpn_eval_cli_reports_the_spec_keys_on_the_bundled_model(repo_root, mnist_dir):
     done = _run(
         str(BIN / "fpn-eval"), "--checkpoint", str(repo_root / "checkpoints" / "mnist-fpn"),
-        "--dataset", "mnist", "--data-dir", str(data_dir / "mnist"), "--limit", "300",
+        "--dataset", "mnist", "--data-dir", str(mnist_dir), "--limit", "300",
         "--device", "cpu", "--json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
