@@ -44,7 +44,7 @@ carries the skip term: ``state = [z ; s]`` of width ``arch.width + classes``, wi
 fixed (``T`` copies it from the injection, and the solve starts it there). Solves run on ``z``
 alone, so ``iterations`` and ``residual`` are exactly those of ``z = relu(Az + Bu + b)``.
 
-The model is dense (the paper's MNIST networks are); ``arch.kind`` must be ``mlp``.
+The model is dense (``A``, ``B``, ``C``, ``D`` are matrices): ``arch.kind`` must be ``mlp``.
 
 >>> import torch
 >>> from models import ArchConfig, InputSpec, ModelConfig, create_model
@@ -214,6 +214,8 @@ class LinfClassifier(ImplicitClassifier):
     def prediction_extras(self, logits: Tensor) -> dict[str, Tensor]:
         """``certified_radius_linf`` (B,): top-1 margin over twice the Lipschitz bound."""
         with torch.no_grad():
+            if logits.shape[1] < 2:  # one class: no perturbation can change the label
+                return {"certified_radius_linf": torch.full_like(logits[:, 0], float("inf"))}
             top = logits.topk(2, dim=1).values
             margin = top[:, 0] - top[:, 1]
             return {"certified_radius_linf": margin / (2.0 * self.lipschitz_bound())}
