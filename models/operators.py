@@ -64,8 +64,10 @@ class SpectralNormalizedMap(nn.Module):
         self.power_iteration(steps)
 
     def sigma(self) -> Tensor:
-        """Spectral norm estimate ``‖W u‖`` (differentiable in W, u fixed)."""
-        return self.apply_map(self.u, self.weight).norm()
+        """Spectral norm estimate ``‖W u‖`` (differentiable in W, u fixed). ``u`` is cloned: a
+        later power-iteration step updates the buffer in place, which must not invalidate a
+        graph that already used it."""
+        return self.apply_map(self.u.clone(), self.weight).norm()
 
     def normalized_weight(self) -> Tensor:
         if self.training:

@@ -144,3 +144,16 @@ def test_training_runs_one_power_iteration_step_per_pass(make_model, kind):
     model.prepare_operator()
     for m, u_next in zip(maps, expected, strict=True):
         torch.testing.assert_close(m.u, u_next)
+
+
+def test_preparing_the_operator_twice_in_one_training_pass_keeps_the_graph_valid():
+    """Power iteration updates ``u`` in place; an earlier ``T`` of the same pass must still
+    back-propagate (Skip Reg. prepares ``T`` for its start and for the solve)."""
+    from models import ModelConfig, create_model
+
+    model = create_model(ModelConfig()).train()
+    first, second = model.prepare_operator(), model.prepare_operator()
+    qx = model.inject(torch.rand(2, 1, 28, 28))
+    z0 = torch.zeros_like(qx)
+    (first(z0, qx).sum() + second(z0, qx).sum()).backward()
+    assert all(p.grad is not None for p in model.operator.parameters())
