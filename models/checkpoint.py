@@ -103,17 +103,41 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     return document
 
 
-def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu") -> Checkpoint:
-    """Rebuild the model from ``config.json`` and load ``model.safetensors`` into it (eval mode)."""
+@dataclass(frozen=True)
+class CheckpointMetadata:
+    """Everything in ``config.json``, parsed and checked; no weights read."""
+
+    name: str
+    config: ModelConfig
+    training: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+def read_metadata(directory: str | Path) -> CheckpointMetadata:
+    """Parse ``config.json`` into the model config and the metadata around it."""
     directory = Path(directory)
     document = read_config(directory)
-    config_path = directory / CONFIG_FILE
     model_fields = {k: v for k, v in document.items() if k not in _METADATA_KEYS}
     try:
         config = ModelConfig.from_dict(model_fields)
-        model = create_model(config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: invalid model config ({exc})") from None
+    return CheckpointMetadata(
+        name=str(document.get("name") or directory.name),
+        config=config,
+        training=dict(document.get("training") or {}),
+        metrics=dict(document.get("metrics") or {}),
+    )
+
+
+def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the model from ``config.json`` and load ``model.safetensors`` into it (eval mode)."""
+    directory = Path(directory)
+    meta = read_metadata(directory)
+    try:
+        model = create_model(meta.config)
     except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: torch rejects a shape
-        raise CheckpointError(f"{config_path}: invalid model config ({exc})") from None
+        raise CheckpointError(f"{directory / CONFIG_FILE}: invalid model config ({exc})") from None
 
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
@@ -126,11 +150,7 @@ def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu"
     model.load_state_dict(tensors, strict=True)
     model.to(device).eval()
     return Checkpoint(
-        name=str(document.get("name") or directory.name),
-        path=directory,
-        model=model,
-        training=dict(document.get("training") or {}),
-        metrics=dict(document.get("metrics") or {}),
+        name=meta.name, path=directory, model=model, training=meta.training, metrics=meta.metrics
     )
 
 

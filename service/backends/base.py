@@ -14,9 +14,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from models import CheckpointError, ModelConfig
-from models.checkpoint import read_config
-
-_METADATA_KEYS = ("format_version", "name", "training", "metrics")
+from models.checkpoint import read_metadata
 
 
 class UnsupportedModel(CheckpointError):
@@ -84,11 +82,5 @@ def read_model_info(path: Path) -> tuple[str, ModelConfig, dict[str, Any], dict[
 
     Raises :class:`models.CheckpointError` naming the file when the config is unusable.
     """
-    document = read_config(path)
-    fields = {k: v for k, v in document.items() if k not in _METADATA_KEYS}
-    try:
-        config = ModelConfig.from_dict(fields)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path / 'config.json'}: invalid model config ({exc})") from None
-    name = str(document.get("name") or path.name)
-    return name, config, dict(document.get("training") or {}), dict(document.get("metrics") or {})
+    meta = read_metadata(path)
+    return meta.name, meta.config, meta.training, meta.metrics
