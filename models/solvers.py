@@ -58,8 +58,13 @@ class SolverStats:
 def relative_residual(fz: Tensor, z: Tensor) -> Tensor:
     """``‖f(z) − z‖ / max(‖f(z)‖, 1e-12)`` per row of the flattened batch: (B, ...) -> (B,)."""
     fz_flat, z_flat = fz.reshape(fz.shape[0], -1), z.reshape(z.shape[0], -1)
-    norm = fz_flat.norm(dim=1)
-    res = (fz_flat - z_flat).norm(dim=1) / norm.clamp_min(EPS)
+    return _relative_residual_rows(fz_flat, fz_flat - z_flat)
+
+
+def _relative_residual_rows(fz: Tensor, g: Tensor) -> Tensor:
+    """The same from (B, n) rows of ``f(z)`` and of ``g = f(z) − z``."""
+    norm = fz.norm(dim=1)
+    res = g.norm(dim=1) / norm.clamp_min(EPS)
     # A diverging iterate whose norm overflows is not "residual 0": report it as non-finite.
     return torch.where(torch.isfinite(norm), res, torch.nan)
 
@@ -103,10 +108,12 @@ class _ActiveSet:
             else None
         )
 
-    def record(self, k: int, z: Tensor, fz: Tensor) -> Tensor | None:
-        """Note iteration ``k`` (1-based) for the active rows. Returns the keep-mask, or None when
-        every active row is still running."""
-        res = relative_residual(fz, z)
+    def record(self, k: int, z: Tensor, fz: Tensor, res: Tensor | None = None) -> Tensor | None:
+        """Note iteration ``k`` (1-based) for the active rows, whose relative residual is ``res``
+        (computed here when not given). Returns the keep-mask, or None when every active row is
+        still running."""
+        if res is None:
+            res = relative_residual(fz, z)
         if self.trace is not None:
             self.trace[k - 1, self.index] = res
         finite = torch.isfinite(res)
@@ -206,41 +213,46 @@ def anderson_solve(
     if batch == 0:
         return active.out, active.stats()
     n = z0[0].numel()
-    X = z0.new_zeros(batch, memory, n)  # (A, m, n) past iterates x_i
-    F = z0.new_zeros(batch, memory, n)  # (A, m, n) their images f(x_i)
+    # Ring buffers over the last m iterates: images f(x_i) and residuals g_i = f(x_i) − x_i, and
+    # the residuals' Gram matrix, updated by one row per step (m·n work, not m²·n). The iterates
+    # x_i themselves are never needed: Σ α_i x_i = Σ α_i f(x_i) − Σ α_i g_i.
+    F = z0.new_empty(batch, memory, n)
+    G = z0.new_empty(batch, memory, n)
+    gram = z0.new_zeros(batch, memory, memory)
     x = z0.reshape(batch, n)
     for k in range(1, active.limit + 1):
         fx = f(x.view(-1, *shape), *active.context).reshape(-1, n)
-        slot = (k - 1) % memory
-        X[:, slot], F[:, slot] = x, fx
-        keep = active.record(k, x.view(-1, *shape), fx.view(-1, *shape))
+        g = fx - x
+        res = _relative_residual_rows(fx, g)
+        slot, used = (k - 1) % memory, min(k, memory)
+        F[:, slot], G[:, slot] = fx, g
+        row = torch.bmm(G[:, :used], g.unsqueeze(2)).squeeze(2)  # (A, used) g_i · g
+        gram[:, slot, :used], gram[:, :used, slot] = row, row
+        keep = active.record(k, x.view(-1, *shape), fx.view(-1, *shape), res)
         if keep is not None:
             active.keep(keep)
             if active.empty:
                 break
-            X, F, fx = X[keep], F[keep], fx[keep]
-        used = min(k, memory)
+            F, G, gram, fx = F[keep], G[keep], gram[keep], fx[keep]
         if used == 1:
             x = fx  # first step: plain Picard
             continue
-        G = F[:, :used] - X[:, :used]  # (A, used, n) residuals
-        gram = torch.bmm(G, G.transpose(1, 2))  # (A, used, used)
+        system = gram[:, :used, :used].clone()  # (A, used, used)
         # λ is relative to the smallest ‖g_i‖² (the residuals' current scale): an absolute λ swamps
         # the gram as residuals shrink, α tends to uniform weights and Anderson falls behind Picard.
-        diag = gram.diagonal(dim1=1, dim2=2)  # (A, used) ‖g_i‖²
+        diag = system.diagonal(dim1=1, dim2=2)  # (A, used) ‖g_i‖²
         scale = diag.amin(1, keepdim=True).clamp_min(torch.finfo(diag.dtype).tiny)  # (A, 1)
         diag.add_(regularization * scale)
         # min αᵀ(GGᵀ + λI)α s.t. Σα = 1 is solved by α ∝ (GGᵀ + λI)⁻¹ 1. solve_ex: one sample's
         # singular system must not fail the batch, and it does not synchronise with a GPU.
-        weights, info = torch.linalg.solve_ex(gram, gram.new_ones(gram.shape[0], used, 1))
-        alpha = weights / weights.sum(1, keepdim=True)  # (A, used, 1)
-        weights_t = alpha.transpose(1, 2)  # (A, 1, used): bmm, no (A, used, n) temporary
-        mixed_f = torch.bmm(weights_t, F[:, :used]).squeeze(1)
-        if mixing != 1.0:
-            mixed_f = torch.lerp(torch.bmm(weights_t, X[:, :used]).squeeze(1), mixed_f, mixing)
-        x = mixed_f
+        weights, info = torch.linalg.solve_ex(system, system.new_ones(system.shape[0], used, 1))
+        alpha = (weights / weights.sum(1, keepdim=True)).transpose(1, 2)  # (A, 1, used)
+        x = torch.bmm(alpha, F[:, :used]).squeeze(1)  # Σ α_i f(x_i); bmm: no (A, used, n) temporary
+        if mixing != 1.0:  # β Σ α_i f(x_i) + (1 − β) Σ α_i x_i
+            x = x - (1.0 - mixing) * torch.bmm(alpha, G[:, :used]).squeeze(1)
         # A failed or overflowing extrapolation costs that sample a plain step, never a NaN state.
-        ok = (info == 0) & torch.isfinite(x).all(1)  # (A,)
+        # (A non-finite entry makes the row sum non-finite: one reduction instead of isfinite(x).)
+        ok = (info == 0) & torch.isfinite(x.sum(1))  # (A,)
         x = torch.where(ok[:, None], x, fx)
     return active.out, active.stats()
 

@@ -329,5 +329,5 @@ def test_backend_refuses_what_it_cannot_serve(exported, tmp_path) -> None:
     with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
         choose_providers("cuda", ["CPUExecutionProvider"])
     assert choose_providers("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"])[0] == (
-        "CUDAExecutionProvider", {"device_id": 0},
+        "CUDAExecutionProvider", {"device_id": 0, "cudnn_conv_algo_search": "DEFAULT"},
     )  # fmt: skip
