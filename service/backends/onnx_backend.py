@@ -43,7 +43,7 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # The solve loop's batch shrinks as samples converge, so its convolutions see a new shape on most
 # iterations: onnxruntime's default EXHAUSTIVE cuDNN search would benchmark every one of them
-# (2.2× slower at batch 64 on an H100; DEFAULT, cuDNN's implicit GEMM, measured fastest).
+# (2.8–3.5× slower at batch 64 on an H100 than DEFAULT, which skips it; bench/onnx_cudnn_search.py).
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "DEFAULT"}
 
 
