@@ -127,6 +127,38 @@ def test_an_anderson_step_is_the_textbook_extrapolation(contraction, mixing):
     torch.testing.assert_close(out, f(x2, *context), rtol=1e-10, atol=1e-12)
 
 
+def _anderson_by_the_book(f, x, context, *, steps, memory, mixing, regularization):
+    """Anderson recomputing every residual and the whole Gram matrix at each step (float64)."""
+    xs, fxs = [], []
+    for _ in range(steps - 1):
+        xs, fxs = [*xs, x][-memory:], [*fxs, f(x, *context)][-memory:]
+        if len(xs) == 1:
+            x = fxs[0]
+            continue
+        G = torch.stack([fx - xi for fx, xi in zip(fxs, xs, strict=True)], 1)  # (B, m, n)
+        gram = G @ G.transpose(1, 2)
+        scale = gram.diagonal(dim1=1, dim2=2).amin(1)
+        gram = gram + regularization * scale[:, None, None] * torch.eye(len(xs), dtype=x.dtype)
+        w = torch.linalg.solve(gram, torch.ones(gram.shape[0], len(xs), 1, dtype=x.dtype))
+        alpha = w / w.sum(1, keepdim=True)  # (B, m, 1)
+        mixed_x = (alpha * torch.stack(xs, 1)).sum(1)
+        mixed_f = (alpha * torch.stack(fxs, 1)).sum(1)
+        x = (1 - mixing) * mixed_x + mixing * mixed_f
+    return f(x, *context)
+
+
+@pytest.mark.parametrize("memory, mixing", [(3, 1.0), (3, 0.6), (5, 1.0)])
+def test_anderson_history_wraps_around_like_the_textbook_method(contraction, memory, mixing):
+    # Eleven steps: the ring buffers and the incrementally updated Gram matrix wrap around
+    # several times; the result must be the method recomputed from scratch at every step.
+    f, context, x0 = contraction, contraction.context, contraction.z0 + 0.1
+    options = dict(memory=memory, mixing=mixing, regularization=1e-4)
+    out, stats = get_solver("anderson")(f, x0, context=context, tol=0.0, max_iter=11, **options)
+    expected = _anderson_by_the_book(f, x0, context, steps=11, **options)
+    assert stats.iterations.tolist() == [11] * 4
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_mixed_tolerances_give_each_sample_its_own_depth(make_contraction, name):
     c = make_contraction(rates=(0.9,) * 4)
