@@ -27,45 +27,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY_DIR = REPO_ROOT / "deploy"
 DASHBOARD_PATH = DEPLOY_DIR / "grafana" / "dashboards" / "fpn-serve.json"
 
-#: SPEC §8: the metric names are part of the product contract. name -> type.
-SPEC_METRICS: dict[str, str] = {
-    "fpn_requests_total": "counter",
-    "fpn_request_duration_seconds": "histogram",
-    "fpn_queue_duration_seconds": "histogram",
-    "fpn_solve_duration_seconds": "histogram",
-    "fpn_solver_iterations": "histogram",
-    "fpn_solver_residual": "histogram",
-    "fpn_solver_nonconverged_total": "counter",
-    "fpn_samples_total": "counter",
-    "fpn_batch_size": "histogram",
-    "fpn_queue_depth": "gauge",
-    "fpn_model_info": "gauge",
-}
-
-
-#: SPEC §8: each metric's labels.
-SPEC_LABELS: dict[str, set[str]] = {
-    "fpn_requests_total": {"model", "endpoint", "code"},
-    "fpn_request_duration_seconds": {"model", "endpoint"},
-    "fpn_model_info": {"model", "family", "backend", "device"},
-    **{
-        name: {"model"}
-        for name in SPEC_METRICS
-        if name not in {"fpn_requests_total", "fpn_request_duration_seconds", "fpn_model_info"}
-    },
-}
-
-
-def spec_series_names() -> set[str]:
-    """Every series name a PromQL query may select: SPEC §8 names, histograms' three series."""
-    names = set()
-    for name, kind in SPEC_METRICS.items():
-        if kind == "histogram":
-            names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
-        else:
-            names.add(name)
-    return names
-
 
 def find_tool(name: str) -> str | None:
     """A command installed next to this interpreter (a venv's console scripts), else on PATH."""
@@ -136,18 +97,26 @@ def http_waiter() -> Callable[..., None]:
 
 
 @pytest.fixture(scope="session")
-def spec_metrics() -> dict[str, str]:
-    return dict(SPEC_METRICS)
+def spec_labels(spec_metrics) -> dict[str, set[str]]:
+    """SPEC §8: each metric's labels."""
+    special = {
+        "fpn_requests_total": {"model", "endpoint", "code"},
+        "fpn_request_duration_seconds": {"model", "endpoint"},
+        "fpn_model_info": {"model", "family", "backend", "device"},
+    }
+    return {name: special.get(name, {"model"}) for name in spec_metrics}
 
 
 @pytest.fixture(scope="session")
-def spec_labels() -> dict[str, set[str]]:
-    return {name: set(labels) for name, labels in SPEC_LABELS.items()}
-
-
-@pytest.fixture(scope="session")
-def spec_series() -> set[str]:
-    return spec_series_names()
+def spec_series(spec_metrics) -> set[str]:
+    """Every series name a PromQL query may select: SPEC §8 names, histograms' three series."""
+    names = set()
+    for name, kind in spec_metrics.items():
+        if kind == "histogram":
+            names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+        else:
+            names.add(name)
+    return names
 
 
 @pytest.fixture(scope="session")

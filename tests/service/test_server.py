@@ -15,20 +15,6 @@ MODEL = "mnist-tiny"
 PREDICT = f"/v1/models/{MODEL}/predict"
 INFER = f"/v2/models/{MODEL}/infer"
 
-SPEC_METRICS = {
-    "fpn_requests_total": "counter",
-    "fpn_request_duration_seconds": "histogram",
-    "fpn_queue_duration_seconds": "histogram",
-    "fpn_solve_duration_seconds": "histogram",
-    "fpn_solver_iterations": "histogram",
-    "fpn_solver_residual": "histogram",
-    "fpn_solver_nonconverged_total": "counter",
-    "fpn_samples_total": "counter",
-    "fpn_batch_size": "histogram",
-    "fpn_queue_depth": "gauge",
-    "fpn_model_info": "gauge",
-}
-
 
 # --- helpers ------------------------------------------------------------------------------------
 def predict(url: str, x: np.ndarray, **knobs) -> dict:
@@ -234,11 +220,11 @@ def test_v2_health_and_metadata(server) -> None:
 
 
 # --- metrics ------------------------------------------------------------------------------------
-def test_metrics_expose_every_spec_metric(server, digits, backend) -> None:
+def test_metrics_expose_every_spec_metric(server, digits, backend, spec_metrics) -> None:
     predict(server.url, digits[:2])
     text = httpx.get(server.url + "/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    for name, kind in SPEC_METRICS.items():
+    for name, kind in spec_metrics.items():
         family_name = name.removesuffix("_total") if kind == "counter" else name
         assert family_name in families, f"{name} missing from /metrics"
         assert families[family_name].type == kind
