@@ -45,6 +45,7 @@ uses (``--backprop ift``; the tests check both against finite differences).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -52,9 +53,17 @@ from torch import Tensor
 from .config import ModelConfig
 from .families import register_family
 from .implicit import FixedPointClassifier, ImplicitClassifier
-from .operators import OperatorFn
 from .options import resolve_options
-from .solvers import SOLVERS, Context, FixedPointMap, SolverStats, _ActiveSet, relative_residual
+from .solvers import (
+    Context,
+    FixedPointMap,
+    SolverStats,
+    State,
+    Step,
+    Stepper,
+    relative_residual,
+    solve,
+)
 
 
 @dataclass(frozen=True)
@@ -123,7 +132,60 @@ _EPS_FLOOR = {
 DEFAULT_OPTIONS = {"ode_method": "bosh3", "ode_error_ratio": 0.1}
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class OdeSteadyState:
+    """The stepper for ``dz/dt = f(z, *context) − z`` (see :func:`ode_solve`): one step is one
+    embedded Runge–Kutta step per row, accepted or rejected per row, costing
+    ``tableau.evaluations`` applications of ``f``; ``start`` evaluates ``f(z0)`` once (the first
+    stage, FSAL). Per-row state: ``z``, ``fz = f(z)``, the step size ``h`` and the residual ``r``."""
+
+    name: ClassVar[str] = "ode"
+    method: str = DEFAULT_OPTIONS["ode_method"]
+    error_ratio: float = DEFAULT_OPTIONS["ode_error_ratio"]
+    first_step: float = 1.0
+    fixed_depth: ClassVar[None] = None
+
+    def __post_init__(self) -> None:
+        if self.method not in TABLEAUS:
+            raise ValueError(f"unknown ODE method {self.method!r}; available: {list(ODE_METHODS)}")
+        if not 0.0 < self.error_ratio <= 1.0:
+            raise ValueError(f"error_ratio must be in (0, 1], got {self.error_ratio}")
+
+    @property
+    def cost(self) -> int:
+        return TABLEAUS[self.method].evaluations
+
+    def start(self, f: FixedPointMap, z0: Tensor, context: Context, tol: Tensor) -> Step:
+        fz = f(z0, *context)  # T(z0): its residual is checked, and dz/dt = fz − z is stage 1
+        residual = relative_residual(fz, z0)
+        h = torch.full((z0.shape[0],), self.first_step, dtype=z0.dtype, device=z0.device)
+        return Step({"z": z0, "fz": fz, "h": h, "r": residual}, z0, fz, residual, 1)
+
+    def step(self, f: FixedPointMap, state: State, context: Context, tol: Tensor) -> Step:
+        z, fz, h = state["z"], state["fz"], state["h"]
+        tableau = TABLEAUS[self.method]
+        shape = (-1,) + (1,) * (z.ndim - 1)  # broadcast a (A,) per-sample value over a state
+        floor = _EPS_FLOOR.get(z.dtype, 8 * torch.finfo(torch.float32).eps)
+        # Local error tolerance (absolute, per sample): error_ratio · r · rms(T(z)), i.e. a fraction
+        # of the current RMS derivative ‖T(z) − z‖, floored at the tol level.
+        level = torch.maximum(state["r"].nan_to_num(1.0), tol.to(z.dtype).clamp_min(floor))
+        scale = self.error_ratio * level * fz.reshape(fz.shape[0], -1).pow(2).mean(1).sqrt()
+        z_new, fz_new, error = _rk_step(f, tableau, z, fz, h.view(shape), context)
+        ratio = error.reshape(error.shape[0], -1).pow(2).mean(1).sqrt() / scale.clamp_min(1e-30)
+        finite = torch.isfinite(fz_new.reshape(fz_new.shape[0], -1)).all(1) & torch.isfinite(ratio)
+        accept = (ratio <= 1.0) & finite
+        z = torch.where(accept.view(shape), z_new, z)
+        fz = torch.where(accept.view(shape), fz_new, fz)
+        # A non-finite stage stops its sample now (its last accepted state is returned).
+        fz = torch.where(finite.view(shape), fz, torch.full_like(fz, float("nan")))
+        factor = SAFETY * ratio.clamp_min(1e-30).pow(-1.0 / tableau.order)
+        factor = factor.clamp(MAX_SHRINK, MAX_GROWTH)
+        factor = torch.where(accept, factor.clamp_min(1.0), factor)
+        h = h * torch.where(finite, factor, torch.full_like(factor, MAX_SHRINK))
+        residual = relative_residual(fz, z)
+        return Step({"z": z, "fz": fz, "h": h, "r": residual}, z, fz, residual, tableau.evaluations)
+
+
 def ode_solve(
     f: FixedPointMap,
     z0: Tensor,
@@ -149,8 +211,8 @@ def ode_solve(
     residual can reach ``tol`` only if that drift is below it, but the transient needs no accuracy
     (a fixed tight tolerance would cost steps there). An absolute scale also keeps a diverging
     step from being accepted because the state it produced is large. ``first_step`` 1 is the
-    Picard scale (an Euler step of size 1 is ``z ← f(z)``). ``trace`` rows are indexed by
-    evaluation count.
+    Picard scale (an Euler step of size 1 is ``z ← f(z)``). A sample stops before a step it
+    cannot pay for. ``trace`` rows are indexed by evaluation count.
 
     >>> import torch
     >>> A = torch.tensor([[0.5, 0.2], [0.0, 0.3]]); b = torch.tensor([1.0, 2.0])
@@ -158,50 +220,8 @@ def ode_solve(
     >>> torch.allclose(z[0], torch.linalg.solve(torch.eye(2) - A, b), atol=1e-5)
     True
     """
-    if method not in TABLEAUS:
-        raise ValueError(f"unknown ODE method {method!r}; available: {list(ODE_METHODS)}")
-    if not 0.0 < error_ratio <= 1.0:
-        raise ValueError(f"error_ratio must be in (0, 1], got {error_ratio}")
-    tableau = TABLEAUS[method]
-    active = _ActiveSet(z0, tuple(context), tol, max_iter, trace)
-    if z0.shape[0] == 0:
-        return active.out, active.stats()
-    shape = (-1,) + (1,) * (z0.ndim - 1)  # broadcast a (A,) per-sample value over a state
-    floor = _EPS_FLOOR.get(z0.dtype, 8 * torch.finfo(torch.float32).eps)
-
-    z = z0
-    fz = f(z, *active.context)  # T(z): its residual is checked, and dz/dt = fz − z is stage 1
-    nfe = 1  # evaluations so far: the same for every active sample (all join every step)
-    h = torch.full((z0.shape[0],), first_step, dtype=z0.dtype, device=z0.device)
-    while True:
-        # A sample that cannot pay for one more step stops here (not converged).
-        affordable = active.max_iter - nfe >= tableau.evaluations
-        active.max_iter = torch.where(affordable, active.max_iter, active.max_iter.clamp(max=nfe))
-        keep = active.record(nfe, z, fz)
-        if keep is not None:
-            active.keep(keep)
-            if active.empty:
-                break
-            z, fz, h = z[keep], fz[keep], h[keep]
-        # Local error tolerance (absolute, per sample): error_ratio · r · rms(T(z)), i.e. a fraction
-        # of the current RMS derivative ‖T(z) − z‖, floored at the tol level.
-        residual = relative_residual(fz, z).nan_to_num(1.0)
-        level = torch.maximum(residual, active.tol.to(z.dtype).clamp_min(floor))
-        scale = error_ratio * level * fz.reshape(fz.shape[0], -1).pow(2).mean(1).sqrt()
-        z_new, fz_new, error = _rk_step(f, tableau, z, fz, h.view(shape), active.context)
-        nfe += tableau.evaluations
-        ratio = error.reshape(error.shape[0], -1).pow(2).mean(1).sqrt() / scale.clamp_min(1e-30)
-        finite = torch.isfinite(fz_new.reshape(fz_new.shape[0], -1)).all(1) & torch.isfinite(ratio)
-        accept = (ratio <= 1.0) & finite
-        z = torch.where(accept.view(shape), z_new, z)
-        fz = torch.where(accept.view(shape), fz_new, fz)
-        # A non-finite stage stops its sample at the next record (last accepted state returned).
-        fz = torch.where(finite.view(shape), fz, torch.full_like(fz, float("nan")))
-        factor = SAFETY * ratio.clamp_min(1e-30).pow(-1.0 / tableau.order)
-        factor = factor.clamp(MAX_SHRINK, MAX_GROWTH)
-        factor = torch.where(accept, factor.clamp_min(1.0), factor)
-        h = h * torch.where(finite, factor, torch.full_like(factor, MAX_SHRINK))
-    return active.out, active.stats()
+    stepper = OdeSteadyState(method=method, error_ratio=error_ratio, first_step=first_step)
+    return solve(stepper, f, z0, context=context, tol=tol, max_iter=max_iter, trace=trace)
 
 
 def _rk_step(
@@ -224,10 +244,8 @@ class ContinuousDEQClassifier(FixedPointClassifier):
     """The FPN's parts, with the fixed point found as an ODE steady state (:func:`ode_solve`).
 
     Options (``config.options``): ``ode_method`` (``bosh3`` or ``dopri5``) and
-    ``ode_error_ratio`` (see :func:`ode_solve`). The ``solver`` argument of a solve picks the ODE
-    method when it names one; the discrete solvers' names (``picard``, ``anderson``, which the CLI
-    and the service pass by default) select the configured ``ode_method``: a cdeq always
-    integrates.
+    ``ode_error_ratio`` (see :func:`ode_solve`). Its solvers are the ODE methods; the default is
+    the configured ``ode_method``.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -238,38 +256,14 @@ class ContinuousDEQClassifier(FixedPointClassifier):
             raise ValueError(
                 f"unknown ode_method {options['ode_method']!r}; available: {sorted(ODE_METHODS)}"
             )
-        self.ode_options = {"error_ratio": float(options["ode_error_ratio"])}
 
-    def solve_fixed_point(
-        self,
-        T: OperatorFn,
-        z0: Tensor,
-        qx: Tensor,
-        *,
-        tol: float | Tensor,
-        max_iter: int | Tensor,
-        solver: str,
-        trace: bool = False,
-    ) -> tuple[Tensor, SolverStats]:
-        if solver in ODE_METHODS:
-            method = solver
-        elif solver in SOLVERS:
-            method = self.config.options["ode_method"]
-        else:
-            raise ValueError(
-                f"unknown solver {solver!r} for a cdeq; available: "
-                f"{sorted(ODE_METHODS)} (or {sorted(SOLVERS)}: the configured ode_method)"
-            )
-        return ode_solve(
-            T,
-            z0,
-            context=(qx,),
-            tol=tol,
-            max_iter=max_iter,
-            method=method,
-            trace=trace,
-            **self.ode_options,
-        )
+    def solvers(self) -> dict[str, Stepper]:
+        """The ODE methods (``bosh3``, ``dopri5``), never the discrete solvers: a cdeq integrates."""
+        ratio = float(self.config.options["ode_error_ratio"])
+        return {m: OdeSteadyState(method=m, error_ratio=ratio) for m in ODE_METHODS}
+
+    def default_solver(self) -> str:
+        return self.config.options["ode_method"]
 
 
 @register_family(

@@ -28,17 +28,12 @@ class SolverConfig:
     regularization: float = 1e-4
 
     def options(self, method: str | None = None) -> dict[str, float | int]:
-        """Keyword arguments that the solver ``method`` (default: ours) accepts, and no others."""
-        method = method or self.method
-        if method == "picard":
-            return {"damping": self.damping}
-        if method == "anderson":
-            return {
-                "memory": self.memory,
-                "mixing": self.mixing,
-                "regularization": self.regularization,
-            }
-        return {}
+        """Keyword arguments that the discrete solver ``method`` (default: ours) accepts, and no
+        others (the stepper's own fields; :data:`models.solvers.STEPPERS`)."""
+        from .solvers import STEPPERS, stepper_options
+
+        kind = STEPPERS.get(method or self.method)
+        return stepper_options(kind, self) if kind is not None else {}
 
 
 @dataclass(frozen=True)

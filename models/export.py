@@ -869,7 +869,7 @@ def run_onnx(session, x: np.ndarray, *, tol, max_iter, solver: str | None = None
         "tol": np.broadcast_to(np.asarray(tol, np.float64), (n,)).copy(),
         "max_iter": np.broadcast_to(np.asarray(max_iter, np.int64), (n,)).copy(),
     }
-    if solver is not None:
+    if solver in SOLVER_NAMES:  # a fixed-depth graph has no solver input
         feeds["solver"] = np.array(SOLVER_NAMES.index(solver), np.int64)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds), strict=True))
@@ -926,7 +926,7 @@ def verify(
     tol[half:] = 10.0 ** rng.uniform(-5, -2, n - half)
     max_iter[half:] = rng.integers(1, config.solver.max_iter + 1, n - half)
     adaptive = not isinstance(model, ExplicitClassifier)
-    solvers = SOLVER_NAMES if adaptive else (config.solver.method,)
+    solvers = SOLVER_NAMES if adaptive else (model.default_solver(),)
     totals = {"label_mismatches": 0, "near_ties": 0, "converged_mismatches": 0}
     worst = {"max_probability_diff": 0.0, "max_iteration_diff": 0}
     threads = torch.get_num_threads()

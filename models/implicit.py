@@ -13,6 +13,7 @@ model so that training, evaluation, serving and ONNX export share it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,15 @@ from torch import Tensor, nn
 from .backprop import differentiable_fixed_point, unrolled
 from .config import ModelConfig
 from .operators import ConvOperator, LinearOperator, OperatorFn, SpectralNormalizedMap
-from .solvers import SolverStats, get_solver, relative_residual
+from .solvers import (
+    STEPPERS,
+    FixedDepth,
+    SolverStats,
+    Stepper,
+    relative_residual,
+    solve,
+    stepper_options,
+)
 
 
 @dataclass
@@ -36,8 +45,39 @@ class ImplicitOutput:
     extras: dict[str, Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SolveParts:
+    """A model cut for whatever drives its solve: :meth:`ImplicitClassifier.predict` and
+    ``forward``, the serving engine (one step at a time, rows joining and leaving), the ONNX export.
+
+    prologue: raw [0, 1] inputs (B, *input.shape) -> (context (B, ...), z0 (B, *state)); run once
+              per sample: the injection ``Q(x)`` and the initial state.
+    step:     ``f(z, context) -> (B, *state)``, the map whose fixed point is sought; a solver's
+              :class:`~models.solvers.Stepper` applies its update around it.
+    readout:  ``(z, context) -> logits (B, classes)``, ``S(z)``.
+    extras:   ``logits -> {name: (B, ...)}``, a family's per-sample extra outputs (e.g. a
+              certified radius); empty for most families.
+    """
+
+    prologue: Callable[[Tensor], tuple[Tensor, Tensor]]
+    step: OperatorFn
+    readout: Callable[[Tensor, Tensor], Tensor]
+    extras: Callable[[Tensor], dict[str, Tensor]]
+
+
 class ImplicitClassifier(nn.Module):
-    """Base class. Subclasses set ``self.injection``, ``self.operator`` and ``self.head``."""
+    """Base class and the family interface. Subclasses set ``self.injection``, ``self.operator``
+    and ``self.head``, and override what their family changes:
+
+    - the parts of a solve (:meth:`solve_parts`; or just :meth:`initial_state`, :meth:`readout`,
+      :meth:`prediction_extras`, :meth:`prepare_operator`),
+    - the solvers it really runs (:meth:`solvers`, :meth:`default_solver`),
+    - its training loss (:meth:`auxiliary_loss`) and what it records when finished
+      (:meth:`finalize`).
+
+    Everything else (training, evaluation, the service, the export) asks these methods and never
+    checks which family it has.
+    """
 
     injection: nn.Module
     operator: nn.Module
@@ -66,6 +106,48 @@ class ImplicitClassifier(nn.Module):
         """``T(z, qx)`` with weights normalised once for this pass."""
         return self.operator.prepare()
 
+    def prediction_extras(self, logits: Tensor) -> dict[str, Tensor]:
+        """Per-sample extra outputs a family reports at inference (e.g. a certified radius)."""
+        return {}
+
+    def solve_parts(self) -> SolveParts:
+        """The parts of one pass, with ``T``'s weights normalised once (call again after a
+        parameter update). Default: context ``Q(x)``, step ``T``, readout ``S(z)``."""
+        T = self.prepare_operator()
+
+        def prologue(x: Tensor) -> tuple[Tensor, Tensor]:
+            qx = self.inject(x)
+            return qx, self.initial_state(x, qx)
+
+        return SolveParts(prologue, T, lambda z, qx: self.readout(z), self.prediction_extras)
+
+    # --- the solvers it runs ----------------------------------------------------------------
+    def solvers(self) -> dict[str, Stepper]:
+        """The solve methods this family really runs, by name, configured from
+        ``config.solver`` (SPEC §5: the service offers exactly these). Default: Picard and
+        Anderson."""
+        settings = self.config.solver
+        return {name: kind(**stepper_options(kind, settings)) for name, kind in STEPPERS.items()}
+
+    def default_solver(self) -> str:
+        """The method used when a call names none: ``config.solver.method`` when offered."""
+        offered = self.solvers()
+        method = self.config.solver.method
+        return method if method in offered else next(iter(offered))
+
+    def stepper(self, name: str | None = None) -> Stepper:
+        """The stepper for ``name`` (default: :meth:`default_solver`); a method this family does
+        not run is a ``ValueError`` that lists the ones it does."""
+        offered = self.solvers()
+        name = name or self.default_solver()
+        try:
+            return offered[name]
+        except KeyError:
+            raise ValueError(
+                f"unknown solver {name!r} for family {self.config.family!r}; "
+                f"available: {sorted(offered)}"
+            ) from None
+
     def solve_fixed_point(
         self,
         T: OperatorFn,
@@ -74,24 +156,15 @@ class ImplicitClassifier(nn.Module):
         *,
         tol: float | Tensor,
         max_iter: int | Tensor,
-        solver: str,
+        solver: str | None = None,
         trace: bool = False,
     ) -> tuple[Tensor, SolverStats]:
-        """The forward solve (no graph). Families with another notion of solve override this."""
-        return get_solver(solver)(
-            T,
-            z0,
-            context=(qx,),
-            tol=tol,
-            max_iter=max_iter,
-            trace=trace,
-            **self.config.solver.options(solver),
+        """The forward solve of ``T`` from ``z0`` with this family's ``solver`` (no graph)."""
+        return solve(
+            self.stepper(solver), T, z0, context=(qx,), tol=tol, max_iter=max_iter, trace=trace
         )
 
-    def prediction_extras(self, logits: Tensor) -> dict[str, Tensor]:
-        """Per-sample extra outputs a family reports at inference (e.g. a certified radius)."""
-        return {}
-
+    # --- training and saving ------------------------------------------------------------------
     def contraction_maps(self) -> list[SpectralNormalizedMap]:
         return [m for m in self.modules() if isinstance(m, SpectralNormalizedMap)]
 
@@ -104,6 +177,11 @@ class ImplicitClassifier(nn.Module):
         """Make the model ready to be evaluated and saved: converge its spectral-norm estimates.
         Families that record derived quantities (certificates, bounds) extend this."""
         self.tighten_lipschitz()
+
+    def auxiliary_loss(self, x: Tensor, qx: Tensor, z: Tensor) -> Tensor | None:
+        """A family's extra training loss (added to cross-entropy), or None. ``qx`` is the
+        prologue's context and ``z`` the backprop mode's differentiable fixed point."""
+        return None
 
     # --- running ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -118,19 +196,19 @@ class ImplicitClassifier(nn.Module):
     ) -> ImplicitOutput:
         """Inference with per-sample ``tol`` / ``max_iter`` (scalars or (B,) tensors)."""
         defaults = self.config.solver
-        qx = self.inject(x)
-        T = self.prepare_operator()
-        z, stats = self.solve_fixed_point(
-            T,
-            self.initial_state(x, qx),
-            qx,
+        parts = self.solve_parts()
+        context, z0 = parts.prologue(x)
+        z, stats = solve(
+            self.stepper(solver),
+            parts.step,
+            z0,
+            context=(context,),
             tol=defaults.tol if tol is None else tol,
             max_iter=defaults.max_iter if max_iter is None else max_iter,
-            solver=solver or defaults.method,
             trace=trace,
         )
-        logits = self.readout(z)
-        return ImplicitOutput(logits, z, stats, extras=self.prediction_extras(logits))
+        logits = parts.readout(z, context)
+        return ImplicitOutput(logits, z, stats, extras=parts.extras(logits))
 
     def forward(
         self,
@@ -141,35 +219,34 @@ class ImplicitClassifier(nn.Module):
         solver: str | None = None,
         backprop: str | None = None,
     ) -> ImplicitOutput:
-        """Training pass: logits whose gradient follows ``backprop`` (default: the config's)."""
+        """Training pass: logits whose gradient follows ``backprop`` (default: the config's).
+        A fixed-depth family is always unrolled: it has no fixed point to differentiate at."""
         defaults = self.config.solver
         tol = defaults.tol if tol is None else tol
         max_iter = defaults.max_iter if max_iter is None else max_iter
         mode = backprop or self.config.backprop.mode
-        qx = self.inject(x)
-        T = self.prepare_operator()
-        z0 = self.initial_state(x, qx)
+        stepper = self.stepper(solver)
+        parts = self.solve_parts()
+        qx, z0 = parts.prologue(x)
+        if stepper.fixed_depth is not None:
+            mode, tol, max_iter = "unrolled", 0.0, stepper.fixed_depth
         if mode == "unrolled":
-            z, steps = unrolled(T, z0, qx, tol=tol, max_iter=max_iter)
-            stats = _uniform_stats(z, steps, tol, T, qx)
+            z, steps = unrolled(parts.step, z0, qx, tol=tol, max_iter=max_iter)
+            stats = _uniform_stats(z, steps, tol, parts.step, qx)
         else:
-            with torch.no_grad():
-                z_star, stats = self.solve_fixed_point(
-                    T,
-                    z0.detach(),
-                    qx.detach(),
-                    tol=tol,
-                    max_iter=max_iter,
-                    solver=solver or defaults.method,
-                )
-            z = differentiable_fixed_point(
-                mode, T, z_star, qx, backprop=self.config.backprop, solver=self.config.solver
+            z_star, stats = solve(
+                stepper, parts.step, z0.detach(), context=(qx.detach(),), tol=tol, max_iter=max_iter
             )
-        return ImplicitOutput(self.readout(z), z, stats, aux_loss=self.auxiliary_loss(x, qx, z))
-
-    def auxiliary_loss(self, x: Tensor, qx: Tensor, z: Tensor) -> Tensor | None:
-        """A family's extra training loss (added to cross-entropy), or None."""
-        return None
+            z = differentiable_fixed_point(
+                mode,
+                parts.step,
+                z_star,
+                qx,
+                backprop=self.config.backprop,
+                solver=self.config.solver,
+            )
+        logits = parts.readout(z, qx)
+        return ImplicitOutput(logits, z, stats, aux_loss=self.auxiliary_loss(x, qx, z))
 
 
 def _uniform_stats(z: Tensor, steps: int, tol, T: OperatorFn, qx: Tensor) -> SolverStats:
@@ -216,35 +293,16 @@ class FixedPointClassifier(ImplicitClassifier):
 
 class ExplicitClassifier(FixedPointClassifier):
     """The explicit twin of an FPN: the same parts, ``T`` applied exactly ``arch.depth`` times
-    from zero and trained by ordinary backprop. No fixed point, no tolerance."""
+    from zero and trained by ordinary backprop. No fixed point, no tolerance: its one "solver" is
+    ``fixed-depth``, and ``tol`` / ``max_iter`` do not apply."""
 
     def __init__(self, config: ModelConfig) -> None:
         if config.arch.depth < 1:
             raise ValueError("the explicit family needs arch.depth >= 1")
         super().__init__(config)
 
-    def _run(self, x: Tensor) -> ImplicitOutput:
-        qx = self.inject(x)
-        T = self.prepare_operator()
-        z = self.initial_state(x, qx)
-        z, _ = unrolled(T, z, qx, tol=0.0, max_iter=self.config.arch.depth)
-        stats = _uniform_stats(z, self.config.arch.depth, float("inf"), T, qx)
-        return ImplicitOutput(self.readout(z), z, stats)
-
-    def forward(
-        self, x: Tensor, *, tol=None, max_iter=None, solver=None, backprop=None
-    ) -> ImplicitOutput:
-        """Solver knobs are accepted for interface compatibility and ignored: depth is fixed."""
-        return self._run(x)
-
-    @torch.no_grad()
-    def predict(
-        self, x: Tensor, *, tol=None, max_iter=None, solver=None, trace=False
-    ) -> ImplicitOutput:
-        """Solver knobs are accepted for interface compatibility and ignored: depth is fixed."""
-        out = self._run(x)
-        out.extras = self.prediction_extras(out.logits)
-        return out
+    def solvers(self) -> dict[str, Stepper]:
+        return {FixedDepth.name: FixedDepth(self.config.arch.depth)}
 
 
 def cross_entropy(output: ImplicitOutput, target: Tensor) -> Tensor:

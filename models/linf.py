@@ -65,10 +65,10 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .families import register_family
-from .implicit import ImplicitClassifier
+from .implicit import ImplicitClassifier, SolveParts
 from .operators import OperatorFn
 from .options import resolve_options
-from .solvers import SolverStats, get_solver
+from .solvers import SolverStats, Stepper
 
 DEFAULT_OPTIONS = {
     "lipschitz_weight": 0.0,
@@ -175,6 +175,32 @@ class LinfClassifier(ImplicitClassifier):
         state[:, self.width :] = qx[:, self.width :]
         return state
 
+    def solve_parts(self) -> SolveParts:
+        """Solves run on ``z`` alone (the skip block ``s = D u`` is constant): the prologue gives
+        ``z0 = 0`` with context ``[B u + b ; D u]``, the readout puts ``s`` back."""
+        T, n = self.prepare_operator(), self.width
+
+        def prologue(x: Tensor) -> tuple[Tensor, Tensor]:
+            qx = self.inject(x)
+            return qx, self.initial_state(x, qx)[:, :n]
+
+        def step(z: Tensor, qx: Tensor) -> Tensor:  # (A, n), (A, n + K) -> (A, n)
+            return T(torch.cat([z, qx[:, n:]], dim=1), qx)[:, :n]
+
+        def readout(z: Tensor, qx: Tensor) -> Tensor:
+            return self.readout(torch.cat([z, qx[:, n:]], dim=1))
+
+        return SolveParts(prologue, step, readout, self.prediction_extras)
+
+    def solvers(self) -> dict[str, Stepper]:
+        """``picard`` is the paper's average iteration, step ``min(α*, solver.damping)``;
+        ``anderson`` runs too, without the guarantee."""
+        offered = super().solvers()
+        alpha = average_step_size(self.operator.matrix().detach())
+        picard = offered["picard"]
+        offered["picard"] = type(picard)(damping=min(alpha, picard.damping))
+        return offered
+
     def solve_fixed_point(
         self,
         T: OperatorFn,
@@ -183,25 +209,19 @@ class LinfClassifier(ImplicitClassifier):
         *,
         tol: float | Tensor,
         max_iter: int | Tensor,
-        solver: str,
+        solver: str | None = None,
         trace: bool = False,
     ) -> tuple[Tensor, SolverStats]:
-        """Solve for ``z`` alone (the skip block is constant); ``picard`` is the paper's average
-        iteration with step ``min(α*, solver.damping)``."""
+        """On the full state ``[z ; s]`` with the full ``T``: solves for ``z`` alone."""
         n = self.width
-        skip = qx[:, n:]
 
         def core(z: Tensor, q: Tensor) -> Tensor:  # (A, n), (A, n + K) -> (A, n)
             return T(torch.cat([z, q[:, n:]], dim=1), q)[:, :n]
 
-        options = self.config.solver.options(solver)
-        if solver == "picard":
-            alpha = average_step_size(self.operator.matrix().detach())
-            options["damping"] = min(alpha, float(options["damping"]))
-        z, stats = get_solver(solver)(
-            core, z0[:, :n], context=(qx,), tol=tol, max_iter=max_iter, trace=trace, **options
+        z, stats = super().solve_fixed_point(
+            core, z0[:, :n], qx, tol=tol, max_iter=max_iter, solver=solver, trace=trace
         )
-        return torch.cat([z, skip], dim=1), stats
+        return torch.cat([z, qx[:, n:]], dim=1), stats
 
     # --- the certificate -----------------------------------------------------------------------
     def lipschitz_bound(self) -> Tensor:

@@ -1,16 +1,21 @@
-"""Batched fixed-point solvers with per-sample stopping (SPEC §5).
+"""Batched fixed-point solvers with per-sample stopping (SPEC §5), as steppers.
 
-A solver is a pure function ``solve(f, z0, *, context, tol, max_iter, ...) -> (z, SolverStats)``.
-It knows nothing about models, HTTP or datasets.
+A method is a :class:`Stepper` (optimistix's ``init``/``step`` split): ``start`` makes the per-row
+state for new rows, ``step`` advances the rows it is given by one step, and :func:`stop_rule` says
+which rows stop. :func:`solve` is the plain loop over them; the serving engine drives the same
+steppers one iteration at a time while rows join and leave. One implementation of each method,
+whichever way it is driven. A stepper knows nothing about models, HTTP or datasets.
 
 - ``f(z, *context)`` maps a batch of states to a batch of states; row ``i`` of the output may depend
-  only on row ``i`` of ``z`` and of each context tensor. Solvers rely on this: they call ``f`` on
-  the still-active rows only, so the work shrinks as samples converge, and a sample's answer never
-  depends on its batch-mates.
+  only on row ``i`` of ``z`` and of each context tensor. Steppers rely on this: they are called on
+  any subset of rows, so the work shrinks as samples converge and a sample's answer never depends on
+  its batch-mates. Per-row solver state (Anderson's history, an ODE step size) lives in
+  :attr:`Step.state`, a dict of tensors whose first dimension is the row.
 - ``tol`` and ``max_iter`` are scalars or per-sample tensors of shape ``(B,)``.
-- Per-sample residual: ``‖f(z) − z‖₂ / max(‖f(z)‖₂, 1e-12)`` over the flattened state.
-- A sample stops when its residual ≤ its ``tol`` or after ``max_iter`` applications of ``f``;
-  ``iterations`` counts those applications. The returned state is the last ``f(z)``.
+- Per-sample residual: :func:`relative_residual`, ``‖f(z) − z‖₂ / max(‖f(z)‖₂, 1e-12)``.
+- A sample stops when its residual ≤ its ``tol`` or when another step would take it past
+  ``max_iter`` applications of ``f``; ``iterations`` counts those applications. The returned state
+  is the last ``f(z)``.
 - A non-finite ``f(z)`` stops only that sample: ``converged=False``, and the last finite iterate is
   returned for it.
 
@@ -28,13 +33,15 @@ Example (``0.5·cos`` has the fixed point 0.45018...):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
 Context = tuple[Tensor, ...]
 FixedPointMap = Callable[..., Tensor]
+State = dict[str, Tensor]
 
 EPS = 1e-12
 
@@ -56,16 +63,20 @@ class SolverStats:
 
 
 def relative_residual(fz: Tensor, z: Tensor) -> Tensor:
-    """``‖f(z) − z‖ / max(‖f(z)‖, 1e-12)`` per row of the flattened batch: (B, ...) -> (B,)."""
+    """SPEC §5's residual ``‖f(z) − z‖ / max(‖f(z)‖, 1e-12)`` per row: (B, ...) -> (B,).
+
+    The one definition: the solvers, the ODE solve and the exported ONNX graphs follow it (a test
+    checks the graphs against it). A diverging iterate whose norm overflows is reported as
+    non-finite, never as residual 0.
+    """
     fz_flat, z_flat = fz.reshape(fz.shape[0], -1), z.reshape(z.shape[0], -1)
     return _relative_residual_rows(fz_flat, fz_flat - z_flat)
 
 
 def _relative_residual_rows(fz: Tensor, g: Tensor) -> Tensor:
     """The same from (B, n) rows of ``f(z)`` and of ``g = f(z) − z``."""
-    norm = fz.norm(dim=1)
-    res = g.norm(dim=1) / norm.clamp_min(EPS)
-    # A diverging iterate whose norm overflows is not "residual 0": report it as non-finite.
+    norm = torch.linalg.vector_norm(fz, dim=1)
+    res = torch.linalg.vector_norm(g, dim=1) / norm.clamp_min(EPS)
     return torch.where(torch.isfinite(norm), res, torch.nan)
 
 
@@ -81,69 +92,219 @@ def per_sample(value: float | int | Tensor, batch: int, dtype: torch.dtype, devi
     return t
 
 
-class _ActiveSet:
-    """Bookkeeping shared by the solvers: which rows still iterate, and the finished rows' results.
+def stop_rule(
+    residual: Tensor, tol: Tensor, iterations: Tensor, max_iter: Tensor, stepper: Stepper
+) -> tuple[Tensor, Tensor]:
+    """Which rows stop after a step, and which of those converged; every (A,).
 
-    Finished rows are written into the output buffers once, when they stop; the active rows are
-    compacted only on iterations where some row stopped, so a batch whose samples all need the
-    same depth pays no indexing cost.
+    A row stops when it converged, when its iterate is not finite, or when one more step would
+    take it past its ``max_iter``. A fixed-depth stepper ignores ``tol`` and ``max_iter``: its rows
+    stop after exactly ``fixed_depth`` applications of ``f`` and count as converged when finite.
+    """
+    finite = torch.isfinite(residual)
+    if stepper.fixed_depth is not None:
+        return ~finite | (iterations + stepper.cost > stepper.fixed_depth), finite
+    converged = residual <= tol
+    return converged | ~finite | (iterations + stepper.cost > max_iter), converged
+
+
+@dataclass
+class Step:
+    """What a stepper returns for the rows it advanced.
+
+    state:    the per-row state for the next step (tensors, first dimension = row).
+    z, fz:    (A, *shape) the iterate this step evaluated ``f`` at, and ``f`` there; a row that
+              stops now returns ``fz`` (``z`` when ``fz`` is not finite). None: no evaluation.
+    residual: (A,) ``relative_residual(fz, z)``, or None with no evaluation.
+    cost:     applications of ``f`` this call made per row.
     """
 
-    def __init__(self, z0: Tensor, context: Context, tol, max_iter, trace: bool) -> None:
-        batch, device = z0.shape[0], z0.device
-        self.index = torch.arange(batch, device=device)
-        self.tol = per_sample(tol, batch, torch.float64, device)
-        self.max_iter = per_sample(max_iter, batch, torch.int64, device)
-        if batch and (self.max_iter < 1).any():
-            raise ValueError("max_iter must be >= 1 for every sample")
-        self.context = context
-        self.out = z0.clone()
-        self.iterations = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.residual = torch.full((batch,), float("nan"), dtype=z0.dtype, device=device)
-        self.converged = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.limit = int(self.max_iter.max()) if batch else 0
-        self.trace = (
-            torch.full((self.limit, batch), float("nan"), dtype=z0.dtype, device=device)
-            if trace
-            else None
+    state: State
+    z: Tensor | None = None
+    fz: Tensor | None = None
+    residual: Tensor | None = None
+    cost: int = 0
+
+
+class Stepper(Protocol):
+    """One fixed-point method, driven a step at a time.
+
+    ``start`` prepares new rows (and may evaluate ``f`` once, as the ODE solve does); ``step``
+    advances rows by one step. Both may update the given state tensors in place; the returned
+    :attr:`Step.state` is what the next step reads. ``cost`` is the number of applications of ``f``
+    per ``step``; ``fixed_depth`` set means an explicit network's fixed number of applications,
+    with no tolerance.
+    """
+
+    name: ClassVar[str]
+    cost: int
+    fixed_depth: int | None
+
+    def start(self, f: FixedPointMap, z0: Tensor, context: Context, tol: Tensor) -> Step: ...
+
+    def step(self, f: FixedPointMap, state: State, context: Context, tol: Tensor) -> Step: ...
+
+
+@dataclass(frozen=True)
+class Picard:
+    """Picard iteration ``z ← (1 − α) z + α f(z)`` (Krasnoselskii–Mann when ``α = damping < 1``)."""
+
+    name: ClassVar[str] = "picard"
+    damping: float = 1.0
+    cost: ClassVar[int] = 1
+    fixed_depth: ClassVar[None] = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.damping <= 1.0:
+            raise ValueError(f"damping must be in (0, 1], got {self.damping}")
+
+    def start(self, f: FixedPointMap, z0: Tensor, context: Context, tol: Tensor) -> Step:
+        return Step({"z": z0})
+
+    def step(self, f: FixedPointMap, state: State, context: Context, tol: Tensor) -> Step:
+        z = state["z"]
+        fz = f(z, *context)
+        z_next = fz if self.damping == 1.0 else torch.lerp(z, fz, self.damping)
+        return Step({"z": z_next}, z, fz, relative_residual(fz, z), 1)
+
+
+@dataclass(frozen=True)
+class Anderson:
+    """Anderson acceleration (type II) with memory ``m``, mixing ``β`` and Tikhonov ``λ``.
+
+    Each step solves, per sample, ``min_α ‖Σ α_i g_i‖² + λ min_i ‖g_i‖² ‖α‖²`` s.t. ``Σ α_i = 1``
+    (λ is relative, so the method is scale-invariant like the residual) over the last ``m``
+    residuals ``g_i = f(x_i) − x_i`` and mixes ``x ← β Σ α_i f(x_i) + (1 − β) Σ α_i x_i``.
+
+    Per-row state: the iterate ``x`` (A, *shape); ring buffers of the last ``m`` images ``F`` and
+    residuals ``G`` (A, m, n) with the residuals' Gram matrix (A, m, m), updated by one row per
+    step (m·n work, not m²·n); ``k`` (A,) the steps each row has taken, so rows that joined at
+    different times keep their own history. The iterates themselves are never stored:
+    ``Σ α_i x_i = Σ α_i f(x_i) − Σ α_i g_i``.
+    """
+
+    name: ClassVar[str] = "anderson"
+    memory: int = 5
+    mixing: float = 1.0
+    regularization: float = 1e-4
+    cost: ClassVar[int] = 1
+    fixed_depth: ClassVar[None] = None
+
+    def __post_init__(self) -> None:
+        if self.memory < 1:
+            raise ValueError(f"memory must be >= 1, got {self.memory}")
+
+    def start(self, f: FixedPointMap, z0: Tensor, context: Context, tol: Tensor) -> Step:
+        rows, n, m = z0.shape[0], z0[0].numel(), self.memory
+        return Step(
+            {
+                "x": z0,
+                "F": z0.new_zeros(rows, m, n),
+                "G": z0.new_zeros(rows, m, n),
+                "gram": z0.new_zeros(rows, m, m),
+                "k": torch.zeros(rows, dtype=torch.int64, device=z0.device),
+            }
         )
 
-    def record(self, k: int, z: Tensor, fz: Tensor, res: Tensor | None = None) -> Tensor | None:
-        """Note iteration ``k`` (1-based) for the active rows, whose relative residual is ``res``
-        (computed here when not given). Returns the keep-mask, or None when every active row is
-        still running."""
-        if res is None:
-            res = relative_residual(fz, z)
-        if self.trace is not None:
-            self.trace[k - 1, self.index] = res
-        finite = torch.isfinite(res)
-        converged = res <= self.tol
-        done = converged | ~finite | (self.max_iter <= k)
-        if not bool(done.any()):
-            return None
-        rows = self.index[done]
-        shape = (-1,) + (1,) * (fz.ndim - 1)
-        self.out[rows] = torch.where(finite.view(shape), fz, z)[done]
-        self.iterations[rows] = k
-        self.residual[rows] = res[done]
-        self.converged[rows] = converged[done]
-        return ~done
-
-    def keep(self, mask: Tensor) -> None:
-        self.index = self.index[mask]
-        self.tol = self.tol[mask]
-        self.max_iter = self.max_iter[mask]
-        self.context = tuple(c[mask] for c in self.context)
-
-    @property
-    def empty(self) -> bool:
-        return self.index.numel() == 0
-
-    def stats(self) -> SolverStats:
-        return SolverStats(self.iterations, self.residual, self.converged, self.trace)
+    def step(self, f: FixedPointMap, state: State, context: Context, tol: Tensor) -> Step:
+        x, F, G, gram, k = state["x"], state["F"], state["G"], state["gram"], state["k"]
+        rows, shape, m = x.shape[0], x.shape[1:], self.memory
+        fx = f(x, *context)
+        x_flat, fx_flat = x.reshape(rows, -1), fx.reshape(rows, -1)
+        g = fx_flat - x_flat
+        residual = _relative_residual_rows(fx_flat, g)
+        index = torch.arange(rows, device=x.device)
+        slot = k % m  # (A,) where this step's f(x), g go in each row's ring
+        F[index, slot], G[index, slot] = fx_flat, g
+        row = torch.bmm(G, g.unsqueeze(2)).squeeze(2)  # (A, m) g_i · g (unused slots hold 0)
+        gram[index, slot], gram[index, :, slot] = row, row
+        k += 1
+        used = torch.arange(m, device=x.device) < k.clamp(max=m)[:, None]  # (A, m)
+        # The system over each row's used slots, padded to m by an identity block (zero weights).
+        pair = used[:, :, None] & used[:, None, :]
+        system = torch.where(pair, gram, torch.diag_embed((~used).to(gram.dtype)))
+        # λ is relative to the smallest ‖g_i‖² (the residuals' current scale): an absolute λ swamps
+        # the gram as residuals shrink, α tends to uniform weights and Anderson falls behind Picard.
+        diag = system.diagonal(dim1=1, dim2=2)  # (A, m) ‖g_i‖² on used slots
+        smallest = torch.where(used, diag, torch.inf).amin(1, keepdim=True)
+        scale = smallest.clamp_min(torch.finfo(diag.dtype).tiny)
+        diag.add_(torch.where(used, self.regularization * scale, 0.0))
+        # min αᵀ(GGᵀ + λI)α s.t. Σα = 1 is solved by α ∝ (GGᵀ + λI)⁻¹ 1. solve_ex: one sample's
+        # singular system must not fail the batch, and it does not synchronise with a GPU.
+        weights, info = torch.linalg.solve_ex(system, used.to(system.dtype).unsqueeze(2))
+        alpha = (weights / weights.sum(1, keepdim=True)).transpose(1, 2)  # (A, 1, m)
+        mixed = torch.bmm(alpha, F).squeeze(1)  # Σ α_i f(x_i); bmm: no (A, m, n) temporary
+        if self.mixing != 1.0:  # β Σ α_i f(x_i) + (1 − β) Σ α_i x_i
+            mixed = mixed - (1.0 - self.mixing) * torch.bmm(alpha, G).squeeze(1)
+        # The first step is plain Picard; a failed or overflowing extrapolation costs that sample
+        # a plain step, never a NaN state (a non-finite entry makes the row sum non-finite).
+        ok = (k > 1) & (info == 0) & torch.isfinite(mixed.sum(1))  # (A,)
+        x_next = torch.where(ok[:, None], mixed, fx_flat).view(rows, *shape)
+        return Step({"x": x_next, "F": F, "G": G, "gram": gram, "k": k}, x, fx, residual, 1)
 
 
 @torch.no_grad()
+def solve(
+    stepper: Stepper,
+    f: FixedPointMap,
+    z0: Tensor,
+    *,
+    context: Context = (),
+    tol: float | Tensor = 1e-4,
+    max_iter: int | Tensor = 50,
+    trace: bool = False,
+) -> tuple[Tensor, SolverStats]:
+    """Run ``stepper`` on a batch until every sample stops (the plain loop).
+
+    Shapes: ``z0`` (B, ...), each context tensor (B, ...), ``tol``/``max_iter`` scalar or (B,).
+    Finished rows leave the batch on the iteration they stop, so the work shrinks as samples
+    converge; a batch whose samples all need the same depth pays no indexing cost.
+    """
+    batch, device = z0.shape[0], z0.device
+    tol_rows = per_sample(tol, batch, torch.float64, device)
+    max_iter_rows = per_sample(max_iter, batch, torch.int64, device)
+    if batch and (max_iter_rows < 1).any():
+        raise ValueError("max_iter must be >= 1 for every sample")
+    if stepper.fixed_depth is not None:
+        max_iter_rows = torch.full_like(max_iter_rows, stepper.fixed_depth)
+    out = z0.clone()
+    iterations = torch.zeros(batch, dtype=torch.int64, device=device)
+    residual = torch.full((batch,), float("nan"), dtype=z0.dtype, device=device)
+    converged = torch.zeros(batch, dtype=torch.bool, device=device)
+    limit = int(max_iter_rows.max()) if batch else 0
+    history = torch.full((limit, batch), float("nan"), dtype=z0.dtype, device=device)
+    if batch == 0:
+        return out, SolverStats(iterations, residual, converged, history if trace else None)
+
+    index, context = torch.arange(batch, device=device), tuple(context)
+    spent = 0  # applications of f so far: the same for every row still running
+    result = stepper.start(f, z0, context, tol_rows)
+    while True:
+        if result.residual is not None:
+            spent += result.cost
+            if trace:
+                history[spent - 1, index] = result.residual
+            active_iterations = torch.full_like(index, spent)
+            done, ok = stop_rule(
+                result.residual, tol_rows, active_iterations, max_iter_rows, stepper
+            )
+            if bool(done.any()):
+                rows = index[done]
+                finite = torch.isfinite(result.residual[done])
+                shape = (-1,) + (1,) * (z0.ndim - 1)
+                out[rows] = torch.where(finite.view(shape), result.fz[done], result.z[done])
+                iterations[rows], residual[rows] = spent, result.residual[done]
+                converged[rows] = ok[done]
+                keep = ~done
+                if not bool(keep.any()):
+                    break
+                index, tol_rows, max_iter_rows = index[keep], tol_rows[keep], max_iter_rows[keep]
+                context = tuple(c[keep] for c in context)
+                result.state = {name: t[keep] for name, t in result.state.items()}
+        result = stepper.step(f, result.state, context, tol_rows)
+    return out, SolverStats(iterations, residual, converged, history if trace else None)
+
+
 def picard_solve(
     f: FixedPointMap,
     z0: Tensor,
@@ -154,9 +315,7 @@ def picard_solve(
     damping: float = 1.0,
     trace: bool = False,
 ) -> tuple[Tensor, SolverStats]:
-    """Picard iteration ``z ← (1 − α) z + α f(z)`` (Krasnoselskii–Mann when ``α = damping < 1``).
-
-    Shapes: ``z0`` (B, ...), each context tensor (B, ...), ``tol``/``max_iter`` scalar or (B,).
+    """:func:`solve` with :class:`Picard`.
 
     >>> import torch
     >>> A = torch.tensor([[0.5, 0.1], [0.0, 0.3]]); b = torch.tensor([1.0, 2.0])
@@ -164,23 +323,10 @@ def picard_solve(
     >>> torch.allclose(z[0], torch.linalg.solve(torch.eye(2) - A, b), atol=1e-6)
     True
     """
-    if not 0.0 < damping <= 1.0:
-        raise ValueError(f"damping must be in (0, 1], got {damping}")
-    active = _ActiveSet(z0, tuple(context), tol, max_iter, trace)
-    z = z0
-    for k in range(1, active.limit + 1):
-        fz = f(z, *active.context)
-        keep = active.record(k, z, fz)
-        z = fz if damping == 1.0 else torch.lerp(z, fz, damping)
-        if keep is not None:
-            active.keep(keep)
-            if active.empty:
-                break
-            z = z[keep]
-    return active.out, active.stats()
+    stepper = Picard(damping=damping)
+    return solve(stepper, f, z0, context=context, tol=tol, max_iter=max_iter, trace=trace)
 
 
-@torch.no_grad()
 def anderson_solve(
     f: FixedPointMap,
     z0: Tensor,
@@ -193,12 +339,7 @@ def anderson_solve(
     regularization: float = 1e-4,
     trace: bool = False,
 ) -> tuple[Tensor, SolverStats]:
-    """Anderson acceleration (type II) with memory ``m``, mixing ``β`` and Tikhonov ``λ``.
-
-    Each step solves, per sample, ``min_α ‖Σ α_i g_i‖² + λ min_i ‖g_i‖² ‖α‖²`` s.t. ``Σ α_i = 1``
-    (λ is relative, so the solver is scale-invariant like the residual) over the last
-    ``m`` residuals ``g_i = f(x_i) − x_i`` and mixes ``x ← β Σ α_i f(x_i) + (1 − β) Σ α_i x_i``.
-    Shapes as :func:`picard_solve`.
+    """:func:`solve` with :class:`Anderson`.
 
     >>> import torch
     >>> A = torch.tensor([[0.9, 0.05], [0.0, 0.8]]); b = torch.tensor([1.0, 2.0])
@@ -206,61 +347,48 @@ def anderson_solve(
     >>> torch.allclose(z[0], torch.linalg.solve(torch.eye(2) - A, b), atol=1e-5)
     True
     """
-    if memory < 1:
-        raise ValueError(f"memory must be >= 1, got {memory}")
-    active = _ActiveSet(z0, tuple(context), tol, max_iter, trace)
-    batch, shape = z0.shape[0], z0.shape[1:]
-    if batch == 0:
-        return active.out, active.stats()
-    n = z0[0].numel()
-    # Ring buffers over the last m iterates: images f(x_i) and residuals g_i = f(x_i) − x_i, and
-    # the residuals' Gram matrix, updated by one row per step (m·n work, not m²·n). The iterates
-    # x_i themselves are never needed: Σ α_i x_i = Σ α_i f(x_i) − Σ α_i g_i.
-    F = z0.new_empty(batch, memory, n)
-    G = z0.new_empty(batch, memory, n)
-    gram = z0.new_zeros(batch, memory, memory)
-    x = z0.reshape(batch, n)
-    for k in range(1, active.limit + 1):
-        fx = f(x.view(-1, *shape), *active.context).reshape(-1, n)
-        g = fx - x
-        res = _relative_residual_rows(fx, g)
-        slot, used = (k - 1) % memory, min(k, memory)
-        F[:, slot], G[:, slot] = fx, g
-        row = torch.bmm(G[:, :used], g.unsqueeze(2)).squeeze(2)  # (A, used) g_i · g
-        gram[:, slot, :used], gram[:, :used, slot] = row, row
-        keep = active.record(k, x.view(-1, *shape), fx.view(-1, *shape), res)
-        if keep is not None:
-            active.keep(keep)
-            if active.empty:
-                break
-            F, G, gram, fx = F[keep], G[keep], gram[keep], fx[keep]
-        if used == 1:
-            x = fx  # first step: plain Picard
-            continue
-        system = gram[:, :used, :used].clone()  # (A, used, used)
-        # λ is relative to the smallest ‖g_i‖² (the residuals' current scale): an absolute λ swamps
-        # the gram as residuals shrink, α tends to uniform weights and Anderson falls behind Picard.
-        diag = system.diagonal(dim1=1, dim2=2)  # (A, used) ‖g_i‖²
-        scale = diag.amin(1, keepdim=True).clamp_min(torch.finfo(diag.dtype).tiny)  # (A, 1)
-        diag.add_(regularization * scale)
-        # min αᵀ(GGᵀ + λI)α s.t. Σα = 1 is solved by α ∝ (GGᵀ + λI)⁻¹ 1. solve_ex: one sample's
-        # singular system must not fail the batch, and it does not synchronise with a GPU.
-        weights, info = torch.linalg.solve_ex(system, system.new_ones(system.shape[0], used, 1))
-        alpha = (weights / weights.sum(1, keepdim=True)).transpose(1, 2)  # (A, 1, used)
-        x = torch.bmm(alpha, F[:, :used]).squeeze(1)  # Σ α_i f(x_i); bmm: no (A, used, n) temporary
-        if mixing != 1.0:  # β Σ α_i f(x_i) + (1 − β) Σ α_i x_i
-            x = x - (1.0 - mixing) * torch.bmm(alpha, G[:, :used]).squeeze(1)
-        # A failed or overflowing extrapolation costs that sample a plain step, never a NaN state.
-        # (A non-finite entry makes the row sum non-finite: one reduction instead of isfinite(x).)
-        ok = (info == 0) & torch.isfinite(x.sum(1))  # (A,)
-        x = torch.where(ok[:, None], x, fx)
-    return active.out, active.stats()
+    stepper = Anderson(memory=memory, mixing=mixing, regularization=regularization)
+    return solve(stepper, f, z0, context=context, tol=tol, max_iter=max_iter, trace=trace)
 
+
+@dataclass(frozen=True)
+class FixedDepth:
+    """``f`` applied exactly ``depth`` times (an explicit network): no tolerance, no early exit."""
+
+    name: ClassVar[str] = "fixed-depth"
+    depth: int
+    cost: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+
+    @property
+    def fixed_depth(self) -> int:
+        return self.depth
+
+    def start(self, f: FixedPointMap, z0: Tensor, context: Context, tol: Tensor) -> Step:
+        return Step({"z": z0})
+
+    def step(self, f: FixedPointMap, state: State, context: Context, tol: Tensor) -> Step:
+        z = state["z"]
+        fz = f(z, *context)
+        return Step({"z": fz}, z, fz, relative_residual(fz, z), 1)
+
+
+# The discrete methods every iterative family offers by default, by name.
+STEPPERS: dict[str, type[Picard] | type[Anderson]] = {"picard": Picard, "anderson": Anderson}
 
 SOLVERS: dict[str, Callable[..., tuple[Tensor, SolverStats]]] = {
     "picard": picard_solve,
     "anderson": anderson_solve,
 }
+
+
+def stepper_options(kind: type, settings: Any) -> dict[str, Any]:
+    """The fields of ``settings`` (e.g. a ``SolverConfig``) that stepper class ``kind`` takes."""
+    names = {f.name for f in fields(kind) if f.init}
+    return {name: getattr(settings, name) for name in names if hasattr(settings, name)}
 
 
 def get_solver(name: str) -> Callable[..., tuple[Tensor, SolverStats]]:

@@ -119,7 +119,7 @@ def _loss(model: ImplicitClassifier, x: Tensor, y: Tensor, mode: str, z_fixed: T
     if z_fixed is None:
         z, stats = model.solve_fixed_point(
             T, model.initial_state(x, qx), qx, tol=1e-13, max_iter=5000,
-            solver=model.config.solver.method,
+            solver=model.default_solver(),
         )  # fmt: skip
         assert stats.converged.all()
     else:
@@ -153,7 +153,7 @@ def assert_gradient_matches_finite_differences(
             qx = model.inject(x)
             z_fixed, _ = model.solve_fixed_point(
                 model.prepare_operator(), model.initial_state(x, qx), qx, tol=1e-13,
-                max_iter=5000, solver=model.config.solver.method,
+                max_iter=5000, solver=model.default_solver(),
             )  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     checked = 0

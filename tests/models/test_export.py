@@ -148,7 +148,7 @@ def test_exported_family_matches_torch(family, kind, options) -> None:
     rng = np.random.default_rng(0)
     tol = 10.0 ** rng.uniform(-6, -2, 48)
     max_iter = rng.integers(1, 60, 48)
-    for solver in E.SOLVER_NAMES:
+    for solver in model.solvers():
         c = E.compare(model, session, x, tol=tol, max_iter=max_iter, solver=solver)
         assert_parity(c, prob_atol=1e-5)
         # Same stop, same residual (up to float32 noise, about 1e-6 relative to the state).

@@ -167,8 +167,11 @@ def test_a_short_synthetic_run_learns():
 def test_solver_names_pick_the_integrator():
     model = tiny_model("cdeq", "mlp", options={"ode_method": "dopri5"})
     x = random_inputs(model, 2)
-    default = model.predict(x, tol=1e-6, solver="anderson")  # a discrete name: the configured one
+    assert sorted(model.solvers()) == ["bosh3", "dopri5"]  # what it really runs, and nothing else
+    default = model.predict(x, tol=1e-6)  # the configured ode_method
     torch.testing.assert_close(default.logits, model.predict(x, tol=1e-6, solver="dopri5").logits)
+    with pytest.raises(ValueError, match=r"unknown solver 'anderson'.*\['bosh3', 'dopri5'\]"):
+        model.predict(x, solver="anderson")
     other = model.predict(x, tol=1e-6, solver="bosh3")
     assert not torch.equal(default.stats.iterations, other.stats.iterations)
     with pytest.raises(ValueError, match="unknown solver 'rk4'"):
