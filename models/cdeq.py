@@ -137,7 +137,7 @@ class OdeSteadyState:
     """The stepper for ``dz/dt = f(z, *context) − z`` (see :func:`ode_solve`): one step is one
     embedded Runge–Kutta step per row, accepted or rejected per row, costing
     ``tableau.evaluations`` applications of ``f``; ``start`` evaluates ``f(z0)`` once (the first
-    stage, FSAL). Per-row state: ``z``, ``fz = f(z)``, the step size ``h`` and the residual ``r``."""
+    stage, FSAL). Per-row state: ``z``, ``fz = f(z)``, the step size ``h``, the residual ``r``."""
 
     name: ClassVar[str] = "ode"
     method: str = DEFAULT_OPTIONS["ode_method"]
@@ -258,7 +258,7 @@ class ContinuousDEQClassifier(FixedPointClassifier):
             )
 
     def solvers(self) -> dict[str, Stepper]:
-        """The ODE methods (``bosh3``, ``dopri5``), never the discrete solvers: a cdeq integrates."""
+        """The ODE methods (``bosh3``, ``dopri5``), not the discrete solvers: a cdeq integrates."""
         ratio = float(self.config.options["ode_error_ratio"])
         return {m: OdeSteadyState(method=m, error_ratio=ratio) for m in ODE_METHODS}
 
