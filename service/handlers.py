@@ -299,7 +299,7 @@ class Handler:
         defaults, s = runtime.info.config.solver, self.settings
         tol = defaults.tol if tol is None else float(tol)
         max_iter = defaults.max_iter if max_iter is None else int(max_iter)
-        solver = defaults.method if solver is None else solver
+        solver = runtime.info.default_solver if solver is None else solver
         if not s.min_tol <= tol <= 1.0:
             raise InvalidParameter(f"tol {tol:g} is outside [{s.min_tol:g}, 1] (FPN_MIN_TOL)")
         if not 1 <= max_iter <= s.max_iter_limit:
@@ -324,7 +324,7 @@ class Handler:
             )
         deadline = None if knobs.deadline_ms is None else received + knobs.deadline_ms / 1000.0
         item = WorkItem(x, knobs.tol, knobs.max_iter, knobs.solver, deadline)
-        return await runtime.batcher.submit(item)
+        return await runtime.scheduler.submit(item)
 
 
 # --- decoding -----------------------------------------------------------------------------------

@@ -53,7 +53,9 @@ class Metrics:
             ("model",), buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.solve_duration = Histogram(
-            "fpn_solve_duration_seconds", "Time of one batch solve.",
+            "fpn_solve_duration_seconds",
+            "Time of a sample in the solve, from joining to leaving it (a batch solve's time "
+            "for a backend without per-iteration scheduling).",
             ("model",), buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.iterations = Histogram(
@@ -72,8 +74,16 @@ class Metrics:
             "fpn_samples_total", "Samples solved.", ("model",), registry=r,
         )  # fmt: skip
         self.batch_size = Histogram(
-            "fpn_batch_size", "Samples per batch solve.",
+            "fpn_batch_size", "Samples in the solve, observed at every engine iteration.",
             ("model",), buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.engine_active_samples = Gauge(
+            "fpn_engine_active_samples", "Samples in the running solve.", ("model",), registry=r,
+        )  # fmt: skip
+        self.engine_iterations = Counter(
+            "fpn_engine_iterations_total",
+            "Solver iterations of the running solve, whatever its size.",
+            ("model",), registry=r,
         )  # fmt: skip
         self.queue_depth = Gauge(
             "fpn_queue_depth", "Samples waiting in the model's queue.", ("model",), registry=r,
@@ -101,13 +111,21 @@ class Metrics:
         """One batch solve: its duration and size, each request's queue time, each sample's
         iterations and residual. Non-finite residuals are counted as non-converged and left out
         of the residual histogram (they would poison its sum)."""
-        n = int(iterations.shape[0])
         self.solve_duration.labels(model).observe(solve_seconds)
-        self.batch_size.labels(model).observe(n)
-        self.samples.labels(model).inc(n)
+        self.batch_size.labels(model).observe(int(iterations.shape[0]))
         queue = self.queue_duration.labels(model)
         for seconds in queue_seconds:
             queue.observe(seconds)
+        self.observe_samples(model, iterations=iterations, residual=residual, converged=converged)
+
+    def observe_samples(
+        self, model: str, *, iterations: np.ndarray, residual: np.ndarray, converged: np.ndarray
+    ) -> None:
+        """Samples that left the solve: their iterations and residuals. Non-finite residuals are
+        counted as non-converged and left out of the residual histogram (they would poison its
+        sum)."""
+        n = int(iterations.shape[0])
+        self.samples.labels(model).inc(n)
         hist = self.iterations.labels(model)
         for value in iterations.tolist():
             hist.observe(value)
@@ -123,9 +141,10 @@ class Metrics:
         self.forget_model(model)
         self.model_info.labels(model, family, backend, device).set(1)
         # Touch the per-model series so that they exist (at 0) before the first request.
-        for metric in (self.nonconverged, self.samples):
+        for metric in (self.nonconverged, self.samples, self.engine_iterations):
             metric.labels(model)
         self.queue_depth.labels(model).set(0)
+        self.engine_active_samples.labels(model).set(0)
 
     def forget_model(self, model: str) -> None:
         names = ("model", "family", "backend", "device")

@@ -1,9 +1,11 @@
 """The model registry: finds checkpoints, loads each on its backend, warms it, serves it.
 
 A :class:`ModelRuntime` is one served model: a backend instance, one solve thread (every backend
-call, load, warm-up and unload included, runs there and never on the event loop) and a
-:class:`~service.batcher.Batcher`. The :class:`ModelRegistry` holds them by name; a model's
-name is its checkpoint directory's name.
+call, load, warm-up and unload included, runs there and never on the event loop) and its
+scheduler: the iteration-level :class:`~service.engine.Engine` when the backend can step its
+model (torch), else the batch-level :class:`~service.batcher.Batcher` (onnxruntime's whole-solve
+graph; docs/onnx.md says why). The :class:`ModelRegistry` holds them by name; a model's name is
+its checkpoint directory's name.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from .backends import (
     BatchRequest,
     BatchResult,
     ModelInfo,
+    SteppedBackend,
     UnsupportedModel,
     get_backend,
 )
 from .batcher import Batcher
+from .engine import Engine
 from .errors import ModelNotFound
 from .metrics import Metrics
 from .settings import Settings
@@ -54,14 +58,28 @@ class ModelRuntime:
         self.ready = False
         self.error: str | None = None
         self.extra_outputs: dict[str, tuple[np.dtype, list[int]]] = {}  # seen at warm-up
-        self.batcher = Batcher(
-            name,
+        self.scheduler: Engine | Batcher | None = None  # made once the backend is loaded
+
+    def _make_scheduler(self, backend: Backend) -> Engine | Batcher:
+        s = self.settings
+        if isinstance(backend, SteppedBackend):
+            return Engine(
+                self.name,
+                backend.program(),
+                max_batch_size=s.max_batch_size,
+                max_queue_size=s.max_queue_size,
+                metrics=self.metrics,
+            )
+        log.info("model %s: backend %s solves whole batches (no per-iteration scheduling)",
+                 self.name, s.backend)  # fmt: skip
+        return Batcher(
+            self.name,
             self._solve,
             self.executor,
-            max_batch_size=settings.max_batch_size,
-            max_queue_delay_ms=settings.max_queue_delay_ms,
-            max_queue_size=settings.max_queue_size,
-            metrics=metrics,
+            max_batch_size=s.max_batch_size,
+            max_queue_delay_ms=s.max_queue_delay_ms,
+            max_queue_size=s.max_queue_size,
+            metrics=self.metrics,
         )
 
     # --- on the solve thread ------------------------------------------------------------------
@@ -95,8 +113,10 @@ class ModelRuntime:
                 f"default max_iter {solver.max_iter} is outside "
                 f"[1, FPN_MAX_ITER_LIMIT={s.max_iter_limit}]"
             )
-        if solver.method not in info.solvers:
-            problems.append(f"default solver {solver.method!r} is not one of {list(info.solvers)}")
+        if info.default_solver not in info.solvers:
+            problems.append(
+                f"default solver {info.default_solver!r} is not one of {list(info.solvers)}"
+            )
         if problems:
             raise StartupError(f"{self.path / CONFIG_FILE}: " + "; ".join(problems))
 
@@ -118,7 +138,7 @@ class ModelRuntime:
                 )
                 start = time.perf_counter()
                 result = backend.predict(request)
-                if method == solver.method:
+                if method == info.default_solver:
                     cost = (time.perf_counter() - start, int(result.iterations.max()))
                 self.extra_outputs = {
                     k: (np.asarray(v).dtype, list(np.shape(v)[1:]))
@@ -130,7 +150,8 @@ class ModelRuntime:
     async def load(self) -> None:
         loop = asyncio.get_running_loop()
         self.backend, self.info = await loop.run_in_executor(self.executor, self._load)
-        self.batcher.start()
+        self.scheduler = self._make_scheduler(self.backend)
+        self.scheduler.start()
         self._publish()
 
     async def warm(self) -> None:
@@ -139,7 +160,7 @@ class ModelRuntime:
             seconds, iterations = await loop.run_in_executor(
                 self.executor, self._warm, self.backend, self.info
             )
-            self.batcher.observe_cost(seconds, iterations)
+            self.scheduler.observe_cost(seconds, iterations)
         self.ready = True
         log.info("model %s ready on %s (%s)", self.name, self.info.device, self.settings.backend)
 
@@ -162,9 +183,12 @@ class ModelRuntime:
                 )
             if self.settings.warmup:
                 seconds, iterations = await loop.run_in_executor(loader, self._warm, backend, info)
-                self.batcher.observe_cost(seconds, iterations)
+                self.scheduler.observe_cost(seconds, iterations)
         previous, self.backend, self.info = self.backend, backend, info
-        # Queued behind any batch in progress on the solve thread, which still uses `previous`.
+        if isinstance(self.scheduler, Engine) and isinstance(backend, SteppedBackend):
+            self.scheduler.swap(backend.program())
+        # Queued behind any batch in progress on the solve thread, which still uses `previous`
+        # (the engine's rows that started on it keep its parts alive until they finish).
         await loop.run_in_executor(self.executor, previous.unload)
         self._publish()
         return info
@@ -172,7 +196,8 @@ class ModelRuntime:
     async def stop(self) -> None:
         """Refuse new requests, finish the queued ones, release the model."""
         self.ready = False
-        await self.batcher.stop()
+        if self.scheduler is not None:
+            await self.scheduler.stop()
         if self.backend is not None:
             await asyncio.get_running_loop().run_in_executor(self.executor, self.backend.unload)
         self.executor.shutdown(wait=True)

@@ -17,6 +17,8 @@ from .base import (
     BatchRequest,
     BatchResult,
     ModelInfo,
+    SolveProgram,
+    SteppedBackend,
     UnsupportedModel,
     read_model_info,
 )
@@ -45,6 +47,8 @@ __all__ = [
     "BatchRequest",
     "BatchResult",
     "ModelInfo",
+    "SolveProgram",
+    "SteppedBackend",
     "UnsupportedModel",
     "get_backend",
     "read_model_info",

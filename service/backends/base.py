@@ -9,12 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
 from models import CheckpointError, ModelConfig
 from models.checkpoint import read_metadata
+
+if TYPE_CHECKING:  # this module stays torch-free: the onnxruntime backend imports it
+    import torch
+
+    from models.implicit import SolveParts
+    from models.solvers import Stepper
 
 
 class UnsupportedModel(CheckpointError):
@@ -31,7 +37,8 @@ class ModelInfo:
     config: ModelConfig
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
-    solvers: tuple[str, ...] = ("picard", "anderson")
+    solvers: tuple[str, ...] = ("picard", "anderson")  # what the model really runs
+    default_solver: str = "anderson"
     device: str = "cpu"
 
 
@@ -74,6 +81,26 @@ class Backend(Protocol):
 
     def unload(self) -> None:
         """Release the model (memory, device buffers)."""
+        ...
+
+
+@dataclass(frozen=True)
+class SolveProgram:
+    """What the iteration-level engine runs for a model: its parts (weights prepared once) and
+    its solvers' steppers, on ``device`` in ``dtype``."""
+
+    parts: SolveParts
+    steppers: dict[str, Stepper]
+    device: torch.device
+    dtype: torch.dtype
+
+
+@runtime_checkable
+class SteppedBackend(Protocol):
+    """A backend whose model can be driven one solver step at a time (service.engine)."""
+
+    def program(self) -> SolveProgram:
+        """The model's parts and steppers; call again after a reload."""
         ...
 
 

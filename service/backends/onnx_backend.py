@@ -143,6 +143,7 @@ class OnnxBackend:
             training=training,
             metrics=metrics,
             solvers=tuple(sorted(SOLVER_NAMES)),
+            default_solver=config.solver.method,
             device=in_use,
         )
 

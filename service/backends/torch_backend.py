@@ -9,9 +9,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from models import SOLVERS, ImplicitClassifier, load_checkpoint
+from models import ImplicitClassifier, load_checkpoint
 
-from .base import BatchRequest, BatchResult, ModelInfo
+from .base import BatchRequest, BatchResult, ModelInfo, SolveProgram
 
 
 def resolve_device(device: str) -> torch.device:
@@ -63,9 +63,19 @@ class TorchBackend:
             config=checkpoint.config,
             training=checkpoint.training,
             metrics=checkpoint.metrics,
-            solvers=tuple(sorted(SOLVERS)),
+            solvers=tuple(self.model.solvers()),
+            default_solver=self.model.default_solver(),
             device=str(self.device),
         )
+
+    def program(self) -> SolveProgram:
+        """The model's parts (spectral norms computed once, not per request) and steppers."""
+        if self.model is None:
+            raise RuntimeError("program() called before load() or after unload()")
+        with torch.inference_mode():
+            parts = self.model.solve_parts()
+        dtype = next(self.model.parameters()).dtype
+        return SolveProgram(parts, self.model.solvers(), self.device, dtype)
 
     def predict(self, batch: BatchRequest) -> BatchResult:
         if self.model is None:

@@ -26,7 +26,15 @@ class FakeBackend:
         if FakeBackend.load_gate is not None and not FakeBackend.load_gate.wait(timeout=30):
             raise TimeoutError("test load gate never opened")
         name, config, training, metrics = read_model_info(path)
-        return ModelInfo(name, Path(path), config, training, metrics, ("anderson", "picard"), "cpu")
+        return ModelInfo(
+            name,
+            Path(path),
+            config,
+            training,
+            metrics,
+            ("anderson", "picard"),
+            config.solver.method,
+        )
 
     def predict(self, batch: BatchRequest) -> BatchResult:
         if FakeBackend.gate is not None and not FakeBackend.gate.wait(timeout=30):

@@ -412,7 +412,7 @@ def test_full_queue_is_503_with_retry_after(fake_dir, fake_backend) -> None:
 
     async def scenario(client: httpx.AsyncClient):
         fake_backend.gate = gate
-        batcher = app.state.registry.models[MODEL].batcher
+        batcher = app.state.registry.models[MODEL].scheduler
         solving = asyncio.create_task(client.post(PREDICT, json={"inputs": [ONE]}))
         while batcher.batches < 1:  # the first request is now held in the solve
             await asyncio.sleep(0.005)
@@ -485,7 +485,7 @@ def test_shutdown_solves_what_is_queued(fake_dir, fake_backend) -> None:
             pending = [
                 asyncio.create_task(client.post(PREDICT, json={"inputs": [ONE]})) for _ in range(3)
             ]
-            while app.state.registry.models[MODEL].batcher.queued < 3:
+            while app.state.registry.models[MODEL].scheduler.queued < 3:
                 await asyncio.sleep(0.005)
             started = time.perf_counter()
         # The lifespan exited: queued requests were solved without waiting out the 5 s delay.
