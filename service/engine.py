@@ -190,7 +190,7 @@ class Engine:
         """
         if self._closing:
             raise NotReady(f"model {self.model!r} is shutting down; retry on another replica")
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         with self._lock:
             if self._queued + item.n > self.max_queue_size:
                 raise QueueFull(
@@ -247,31 +247,37 @@ class Engine:
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
-                self._admit()
-                pools = [p for p in self._pools.values() if p.size]
-                if not pools:
+                if not self.step_once():
                     if self._closing and not self._inbox:
                         return
                     self._wakeup.wait()
                     self._wakeup.clear()
-                    continue
-                stepped = sum(pool.size for pool in pools)
-                self._batch_size.observe(stepped)  # the samples this iteration steps
-                start = time.perf_counter()
-                for pool in pools:
-                    try:
-                        self._iterate(pool)
-                    except Exception:  # one failing step must not stop the engine
-                        log.exception("solve step failed on %s", self.model)
-                        self._fail(pool)
-                self.iterations += 1
-                self._observe_iteration(time.perf_counter() - start)
-                self._iteration_counter.inc()
-                self._active.set(self.active)
-                for key in [
-                    k for k, p in self._pools.items() if not p.size and k[0] < self._generation
-                ]:
-                    del self._pools[key]  # a reloaded model's drained pools
+
+    def step_once(self) -> bool:
+        """Admit what is queued, then run one iteration over every occupied row; False when there
+        was nothing to run. The engine thread's loop body (tests drive it by hand)."""
+        self._admit()
+        pools = [p for p in self._pools.values() if p.size]
+        if not pools:
+            return False
+        stepped = sum(pool.size for pool in pools)
+        self._batch_size.observe(stepped)  # the samples this iteration steps
+        start = time.perf_counter()
+        for pool in pools:
+            try:
+                self._iterate(pool)
+            except Exception:  # one failing step must not stop the engine
+                log.exception("solve step failed on %s", self.model)
+                self._fail(pool)
+        self.iterations += 1
+        self._observe_iteration(time.perf_counter() - start)
+        self._iteration_counter.inc()
+        self._active.set(self.active)
+        for key in [
+            k for k, p in self._pools.items() if not p.size and k[0] < self._generation
+        ]:
+            del self._pools[key]  # a reloaded model's drained pools
+        return True
 
     def _admit(self) -> None:
         """Move queued requests into free rows, oldest first, whole requests only."""
