@@ -143,13 +143,21 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir: Path, env: dict[str, str], log: Path) -> None:
+    """``fpn-serve`` on a free port; ``source``: serve another source tree (e.g. a git worktree
+    of an earlier revision) instead of the installed package."""
+
+    def __init__(
+        self, model_dir: Path, env: dict[str, str], log: Path, source: Path | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         environment = {k: v for k, v in os.environ.items() if not k.startswith("FPN_")}
         environment.update(env)
         script = Path(sys.executable).parent / "fpn-serve"
         command = [str(script)] if script.exists() else [sys.executable, "-m", "service"]
+        if source is not None:
+            command = [sys.executable, "-m", "service"]
+            environment["PYTHONPATH"] = str(source)
         self.log = log.open("wb")
         self.process = subprocess.Popen(
             [*command, "--model-dir", str(model_dir), "--port", str(self.port),

@@ -129,7 +129,8 @@ _EPS_FLOOR = {
     for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 }
 
-DEFAULT_OPTIONS = {"ode_method": "bosh3", "ode_error_ratio": 0.1}
+DEFAULT_METHOD, DEFAULT_ERROR_RATIO = "bosh3", 0.1
+DEFAULT_OPTIONS = {"ode_method": DEFAULT_METHOD, "ode_error_ratio": DEFAULT_ERROR_RATIO}
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,8 @@ class OdeSteadyState:
     stage, FSAL). Per-row state: ``z``, ``fz = f(z)``, the step size ``h``, the residual ``r``."""
 
     name: ClassVar[str] = "ode"
-    method: str = DEFAULT_OPTIONS["ode_method"]
-    error_ratio: float = DEFAULT_OPTIONS["ode_error_ratio"]
+    method: str = DEFAULT_METHOD
+    error_ratio: float = DEFAULT_ERROR_RATIO
     first_step: float = 1.0
     fixed_depth: ClassVar[None] = None
 
@@ -193,8 +194,8 @@ def ode_solve(
     context: Context = (),
     tol: float | Tensor = 1e-4,
     max_iter: int | Tensor = 500,
-    method: str = DEFAULT_OPTIONS["ode_method"],
-    error_ratio: float = DEFAULT_OPTIONS["ode_error_ratio"],
+    method: str = DEFAULT_METHOD,
+    error_ratio: float = DEFAULT_ERROR_RATIO,
     first_step: float = 1.0,
     trace: bool = False,
 ) -> tuple[Tensor, SolverStats]:

@@ -110,37 +110,43 @@ def stop_rule(
 
 @dataclass
 class Step:
-    """What a stepper returns for the rows it advanced.
+    """What a stepper returns for the rows it evaluated ``f`` on.
 
     state:    the per-row state for the next step (tensors, first dimension = row).
-    z, fz:    (A, *shape) the iterate this step evaluated ``f`` at, and ``f`` there; a row that
-              stops now returns ``fz`` (``z`` when ``fz`` is not finite). None: no evaluation.
-    residual: (A,) ``relative_residual(fz, z)``, or None with no evaluation.
+    z, fz:    (A, *shape) the iterate ``f`` was evaluated at, and ``f`` there; a row that stops
+              now returns ``fz`` (``z`` when ``fz`` is not finite).
+    residual: (A,) ``relative_residual(fz, z)``.
     cost:     applications of ``f`` this call made per row.
     """
 
     state: State
-    z: Tensor | None = None
-    fz: Tensor | None = None
-    residual: Tensor | None = None
-    cost: int = 0
+    z: Tensor
+    fz: Tensor
+    residual: Tensor
+    cost: int
 
 
 class Stepper(Protocol):
     """One fixed-point method, driven a step at a time.
 
-    ``start`` prepares new rows (and may evaluate ``f`` once, as the ODE solve does); ``step``
-    advances rows by one step. Both may update the given state tensors in place; the returned
-    :attr:`Step.state` is what the next step reads. ``cost`` is the number of applications of ``f``
-    per ``step``; ``fixed_depth`` set means an explicit network's fixed number of applications,
-    with no tolerance.
+    ``start`` prepares new rows: their state, or a :class:`Step` when it evaluates ``f`` once (as
+    the ODE solve does); ``step`` advances rows by one step. Both may update the given state
+    tensors in place; the returned :attr:`Step.state` is what the next step reads. ``cost`` is
+    the number of applications of ``f`` per ``step``; ``fixed_depth`` set means an explicit
+    network's fixed number of applications, with no tolerance.
     """
 
     name: ClassVar[str]
-    cost: int
-    fixed_depth: int | None
 
-    def start(self, f: FixedPointMap, z0: Tensor, context: Context, tol: Tensor) -> Step: ...
+    @property
+    def cost(self) -> int: ...
+
+    @property
+    def fixed_depth(self) -> int | None: ...
+
+    def start(
+        self, f: FixedPointMap, z0: Tensor, context: Context, tol: Tensor
+    ) -> State | Step: ...
 
     def step(self, f: FixedPointMap, state: State, context: Context, tol: Tensor) -> Step: ...
 
@@ -158,8 +164,8 @@ class Picard:
         if not 0.0 < self.damping <= 1.0:
             raise ValueError(f"damping must be in (0, 1], got {self.damping}")
 
-    def start(self, f: FixedPointMap, z0: Tensor, context: Context, tol: Tensor) -> Step:
-        return Step({"z": z0})
+    def start(self, f: FixedPointMap, z0: Tensor, context: Context, tol: Tensor) -> State:
+        return {"z": z0}
 
     def step(self, f: FixedPointMap, state: State, context: Context, tol: Tensor) -> Step:
         z = state["z"]
@@ -194,17 +200,15 @@ class Anderson:
         if self.memory < 1:
             raise ValueError(f"memory must be >= 1, got {self.memory}")
 
-    def start(self, f: FixedPointMap, z0: Tensor, context: Context, tol: Tensor) -> Step:
+    def start(self, f: FixedPointMap, z0: Tensor, context: Context, tol: Tensor) -> State:
         rows, n, m = z0.shape[0], z0[0].numel(), self.memory
-        return Step(
-            {
-                "x": z0,
-                "F": z0.new_zeros(rows, m, n),
-                "G": z0.new_zeros(rows, m, n),
-                "gram": z0.new_zeros(rows, m, m),
-                "k": torch.zeros(rows, dtype=torch.int64, device=z0.device),
-            }
-        )
+        return {
+            "x": z0,
+            "F": z0.new_zeros(rows, m, n),
+            "G": z0.new_zeros(rows, m, n),
+            "gram": z0.new_zeros(rows, m, m),
+            "k": torch.zeros(rows, dtype=torch.int64, device=z0.device),
+        }
 
     def step(self, f: FixedPointMap, state: State, context: Context, tol: Tensor) -> Step:
         x, F, G, gram, k = state["x"], state["F"], state["G"], state["gram"], state["k"]
@@ -278,16 +282,16 @@ def solve(
 
     index, context = torch.arange(batch, device=device), tuple(context)
     spent = 0  # applications of f so far: the same for every row still running
-    result = stepper.start(f, z0, context, tol_rows)
+    started = stepper.start(f, z0, context, tol_rows)
+    result = started if isinstance(started, Step) else None
+    state = started.state if isinstance(started, Step) else started
     while True:
-        if result.residual is not None:
+        if result is not None:
             spent += result.cost
             if trace:
                 history[spent - 1, index] = result.residual
-            active_iterations = torch.full_like(index, spent)
-            done, ok = stop_rule(
-                result.residual, tol_rows, active_iterations, max_iter_rows, stepper
-            )
+            spent_rows = torch.full_like(index, spent)
+            done, ok = stop_rule(result.residual, tol_rows, spent_rows, max_iter_rows, stepper)
             if bool(done.any()):
                 rows = index[done]
                 finite = torch.isfinite(result.residual[done])
@@ -300,8 +304,9 @@ def solve(
                     break
                 index, tol_rows, max_iter_rows = index[keep], tol_rows[keep], max_iter_rows[keep]
                 context = tuple(c[keep] for c in context)
-                result.state = {name: t[keep] for name, t in result.state.items()}
-        result = stepper.step(f, result.state, context, tol_rows)
+                state = {name: t[keep] for name, t in state.items()}
+        result = stepper.step(f, state, context, tol_rows)
+        state = result.state
     return out, SolverStats(iterations, residual, converged, history if trace else None)
 
 
@@ -367,8 +372,8 @@ class FixedDepth:
     def fixed_depth(self) -> int:
         return self.depth
 
-    def start(self, f: FixedPointMap, z0: Tensor, context: Context, tol: Tensor) -> Step:
-        return Step({"z": z0})
+    def start(self, f: FixedPointMap, z0: Tensor, context: Context, tol: Tensor) -> State:
+        return {"z": z0}
 
     def step(self, f: FixedPointMap, state: State, context: Context, tol: Tensor) -> Step:
         z = state["z"]

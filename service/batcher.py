@@ -245,7 +245,7 @@ class Batcher:
         for item, waited in zip(items, queue_seconds, strict=True):
             rows = slice(offset, offset + item.n)
             offset += item.n
-            if item.future.done():
+            if item.future is None or item.future.done():
                 continue
             item.future.set_result(
                 ItemResult(

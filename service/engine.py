@@ -39,24 +39,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.implicit import SolveParts
-from models.solvers import Step, Stepper, stop_rule
+from models.solvers import Step, stop_rule
 
+from .backends import SolveProgram
 from .batcher import ItemResult, WorkItem
-from .errors import NotReady, QueueFull
+from .errors import InternalError, NotReady, QueueFull
 from .metrics import Metrics
 
 log = logging.getLogger("fpn_serve.engine")
-
-
-@dataclass(frozen=True)
-class SolveProgram:
-    """What the engine runs for one model: its parts (weights prepared once) and its steppers."""
-
-    parts: SolveParts
-    steppers: dict[str, Stepper]
-    device: torch.device
-    dtype: torch.dtype
 
 
 @dataclass(eq=False)
@@ -69,6 +59,10 @@ class _Request:
     pool_size: int
     remaining: int
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def cancelled(self) -> bool:
+        """The client went away (its future was cancelled): its rows leave the solve."""
+        return self.item.future is None or self.item.future.done()
 
 
 class _Pool:
@@ -273,9 +267,7 @@ class Engine:
         self._observe_iteration(time.perf_counter() - start)
         self._iteration_counter.inc()
         self._active.set(self.active)
-        for key in [
-            k for k, p in self._pools.items() if not p.size and k[0] < self._generation
-        ]:
+        for key in [k for k, p in self._pools.items() if not p.size and k[0] < self._generation]:
             del self._pools[key]  # a reloaded model's drained pools
         return True
 
@@ -330,7 +322,9 @@ class Engine:
             return torch.tensor(np.repeat(values, counts), dtype=dtype, device=device)
 
         tol = per_row([item.tol for item in items], torch.float64)
-        step = pool.stepper.start(program.parts.step, z0, (context,), tol)
+        started = pool.stepper.start(program.parts.step, z0, (context,), tol)
+        step = started if isinstance(started, Step) else None
+        state = started.state if isinstance(started, Step) else started
         owners: list[tuple[_Request, int]] = []
         for item in items:
             request = _Request(item, now, self.iterations, self.active + len(owners), item.n)
@@ -342,13 +336,13 @@ class Engine:
                 "context": context,
                 "tol": tol,
                 "max_iter": per_row([item.max_iter for item in items], torch.int64),
-                "iterations": torch.full_like(tol, step.cost, dtype=torch.int64),
+                "iterations": torch.full_like(tol, step.cost if step else 0, dtype=torch.int64),
                 "deadline": per_row(deadlines, torch.float64),
-                **{f"state.{name}": value for name, value in step.state.items()},
+                **{f"state.{name}": value for name, value in state.items()},
             },
             owners,
         )
-        if step.residual is not None:  # the stepper's start evaluated f (an ODE's first stage)
+        if step is not None:  # the stepper's start evaluated f (an ODE's first stage)
             self._retire(pool, start, step)
 
     def _iterate(self, pool: _Pool) -> None:
@@ -373,7 +367,7 @@ class Engine:
         horizon = time.perf_counter() + self.seconds_per_iteration
         done |= pool.rows("deadline")[rows] <= horizon
         owners = pool.owners[rows]
-        cancelled = [i for i, (request, _) in enumerate(owners) if request.item.future.done()]
+        cancelled = [i for i, (request, _) in enumerate(owners) if request.cancelled()]
         if cancelled:
             done[cancelled] = False
         finished = done.nonzero().squeeze(1)
@@ -431,7 +425,7 @@ class Engine:
             self._solve_seconds.observe(now - request.joined)
             if request.remaining == 0:
                 complete.append((request.item.future, _result(request)))
-        if complete:
+        if complete and self._loop is not None:
             self._loop.call_soon_threadsafe(_deliver, complete)
 
     def _fail(self, pool: _Pool) -> None:
@@ -463,8 +457,6 @@ def _deliver(complete: list[tuple[asyncio.Future[Any], ItemResult]]) -> None:
 
 
 def _fail_item(loop: asyncio.AbstractEventLoop | None, item: WorkItem, model: str) -> None:
-    from .errors import InternalError
-
     def fail() -> None:
         if item.future is not None and not item.future.done():
             item.future.set_exception(InternalError(f"model {model!r} failed to solve a request"))

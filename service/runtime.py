@@ -84,7 +84,10 @@ class ModelRuntime:
 
     # --- on the solve thread ------------------------------------------------------------------
     def _solve(self, request: BatchRequest) -> BatchResult:
-        return self.backend.predict(request)
+        backend = self.backend
+        if backend is None:
+            raise RuntimeError(f"model {self.name!r} is not loaded")
+        return backend.predict(request)
 
     def _load(self) -> tuple[Backend, ModelInfo]:
         backend = get_backend(self.settings.backend)()
@@ -149,20 +152,24 @@ class ModelRuntime:
     # --- on the event loop --------------------------------------------------------------------
     async def load(self) -> None:
         loop = asyncio.get_running_loop()
-        self.backend, self.info = await loop.run_in_executor(self.executor, self._load)
-        self.scheduler = self._make_scheduler(self.backend)
-        self.scheduler.start()
+        backend, info = await loop.run_in_executor(self.executor, self._load)
+        self.backend, self.info = backend, info
+        self.scheduler = scheduler = self._make_scheduler(backend)
+        scheduler.start()
         self._publish()
 
     async def warm(self) -> None:
+        backend, info, scheduler = self.backend, self.info, self.scheduler
+        if backend is None or info is None or scheduler is None:
+            raise RuntimeError(f"model {self.name!r} must be loaded before it is warmed")
         if self.settings.warmup:
             loop = asyncio.get_running_loop()
             seconds, iterations = await loop.run_in_executor(
-                self.executor, self._warm, self.backend, self.info
+                self.executor, self._warm, backend, info
             )
-            self.scheduler.observe_cost(seconds, iterations)
+            scheduler.observe_cost(seconds, iterations)
         self.ready = True
-        log.info("model %s ready on %s (%s)", self.name, self.info.device, self.settings.backend)
+        log.info("model %s ready on %s (%s)", self.name, info.device, self.settings.backend)
 
     async def reload(self) -> ModelInfo:
         """Load and warm a fresh copy from disk on a thread of its own while the current model
@@ -172,6 +179,9 @@ class ModelRuntime:
         checked against them): restart for that.
         """
         loop = asyncio.get_running_loop()
+        previous, scheduler = self.backend, self.scheduler
+        if previous is None or self.info is None or scheduler is None:
+            raise RuntimeError(f"model {self.name!r} must be loaded before it is reloaded")
         with ThreadPoolExecutor(1, thread_name_prefix=f"reload-{self.name}") as loader:
             backend, info = await loop.run_in_executor(loader, self._load)
             old = self.info.config
@@ -183,10 +193,10 @@ class ModelRuntime:
                 )
             if self.settings.warmup:
                 seconds, iterations = await loop.run_in_executor(loader, self._warm, backend, info)
-                self.scheduler.observe_cost(seconds, iterations)
-        previous, self.backend, self.info = self.backend, backend, info
-        if isinstance(self.scheduler, Engine) and isinstance(backend, SteppedBackend):
-            self.scheduler.swap(backend.program())
+                scheduler.observe_cost(seconds, iterations)
+        self.backend, self.info = backend, info
+        if isinstance(scheduler, Engine) and isinstance(backend, SteppedBackend):
+            scheduler.swap(backend.program())
         # Queued behind any batch in progress on the solve thread, which still uses `previous`
         # (the engine's rows that started on it keep its parts alive until they finish).
         await loop.run_in_executor(self.executor, previous.unload)
@@ -204,12 +214,13 @@ class ModelRuntime:
         self.metrics.forget_model(self.name)
 
     def _publish(self) -> None:
-        self.metrics.set_model(
-            self.name,
-            family=self.info.config.family,
-            backend=self.settings.backend,
-            device=self.info.device,
-        )
+        if self.info is not None:
+            self.metrics.set_model(
+                self.name,
+                family=self.info.config.family,
+                backend=self.settings.backend,
+                device=self.info.device,
+            )
 
 
 class ModelRegistry:
