@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -97,6 +98,33 @@ def summarise(rounds: list[dict], in_process: dict) -> dict:
     }
 
 
+def step_ms_by_rows(checkpoint: Path, x, rows: tuple[int, ...], repeats: int = 30) -> dict:
+    """One engine iteration's compute (an Anderson step on ``rows`` occupied rows), median ms:
+    what masking (always stepping the whole pool) would cost against compaction (stepping the
+    occupied rows only)."""
+    import torch
+
+    from models import load_checkpoint
+    from models.solvers import Step
+
+    model = load_checkpoint(checkpoint).model
+    stepper = model.stepper("anderson")
+    out = {}
+    with torch.inference_mode():
+        parts = model.solve_parts()
+        for n in rows:
+            context, z0 = parts.prologue(torch.from_numpy(x[:n]))
+            started = stepper.start(parts.step, z0, (context,), torch.zeros(n))
+            state = started.state if isinstance(started, Step) else started
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                state = stepper.step(parts.step, state, (context,), torch.zeros(n)).state
+                times.append((time.perf_counter() - start) * 1e3)
+            out[n] = statistics.median(times[5:])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rev", default="f66bd7f", help="the previous revision to compare with")
@@ -115,6 +143,7 @@ def main() -> None:
     in_process = {
         "batch1_p50_ms": reference.solve_p50_ms(),
         "batch64_samples_per_s": 64e3 / reference.batch_ms(64, repeats=20),
+        "step_ms_by_rows": step_ms_by_rows(args.checkpoint, x, (1, 8, 16, 32, 64)),
     }
     env = {"FPN_NUM_THREADS": str(args.threads), "FPN_DEVICE": "cpu", "FPN_GRPC_PORT": "0"}
     with tempfile.TemporaryDirectory() as tmp:
