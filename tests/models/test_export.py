@@ -219,14 +219,21 @@ def test_solver_input_is_optional_and_selects_the_loop(fpn_onnx) -> None:
     assert not np.array_equal(anderson["iterations"], picard["iterations"])
 
 
-def test_explicit_depth_ignores_solver_knobs() -> None:
+def test_explicit_depth_ignores_tol_and_max_iter() -> None:
+    """The explicit twin's one solver is ``fixed-depth``: exactly ``depth`` applications of ``T``
+    whatever ``tol`` / ``max_iter``, and the residual of its last step, as in torch."""
     model = tiny("explicit", depth=4)
     session = session_for(model)
+    assert R.solver_names(session.get_modelmeta().custom_metadata_map) == ("fixed-depth",)
     x = V.verification_inputs((12,), 5)
-    a = R.run_onnx(session, x, tol=1e-2, max_iter=1, solver="picard")
-    b = R.run_onnx(session, x, tol=1e-6, max_iter=50, solver="anderson")
+    a = R.run_onnx(session, x, tol=1e-2, max_iter=1)
+    b = R.run_onnx(session, x, tol=1e-6, max_iter=50, solver="fixed-depth")
     assert a["iterations"].tolist() == [4] * 5 and a["converged"].all()
     np.testing.assert_array_equal(a["probabilities"], b["probabilities"])
+    ref = torch_predict(model, x, tol=1e-2, max_iter=1)
+    np.testing.assert_allclose(a["residual"], ref.stats.residual.numpy(), rtol=1e-4)
+    with pytest.raises(ValueError, match=r"unknown solver 'picard'.*\['fixed-depth'\]"):
+        R.run_onnx(session, x, tol=1e-2, max_iter=1, solver="picard")
 
 
 # --- fpn-export ---------------------------------------------------------------------------------
@@ -288,12 +295,10 @@ def test_backend_matches_the_torch_backend(exported) -> None:
 
     onnx_backend, torch_backend = get_backend("onnxruntime")(), get_backend("torch")()
     info = onnx_backend.load(exported, device="auto", num_threads=1)
-    torch_backend.load(exported, device="cpu", num_threads=1)
-    assert (info.device, info.config.family, info.solvers) == (
-        "cpu",
-        "linf",
-        ("anderson", "picard"),
-    )
+    torch_info = torch_backend.load(exported, device="cpu", num_threads=1)
+    assert (info.device, info.config.family) == ("cpu", "linf")
+    assert (info.solvers, info.default_solver) == (torch_info.solvers, torch_info.default_solver)
+    assert info.solvers == ("picard", "anderson")
     x = V.verification_inputs((12,), 16)
     for solver in ("picard", "anderson"):
         request = BatchRequest(
