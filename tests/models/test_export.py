@@ -18,15 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_fixtures import tiny_model
 from typer.testing import CliRunner
 
 from models import (
-    ArchConfig,
     CheckpointError,
-    InputSpec,
-    ModelConfig,
     SolverConfig,
-    create_model,
     load_checkpoint,
     save_checkpoint,
 )
@@ -47,20 +44,13 @@ BUNDLED = sorted(p.parent.name for p in (REPO / "checkpoints").glob("*/config.js
 PARITY_TOLS = (1e-4, 1e-6)
 
 
+SOLVER = SolverConfig(method="anderson", tol=1e-4, max_iter=50, damping=0.9)
+
+
 def tiny(family: str, kind: str = "mlp", *, options=None, solver=None, depth: int = 3):
     """A small float32 model in eval mode (the dtype the service runs)."""
-    torch.manual_seed(0)
-    config = ModelConfig(
-        family=family,
-        arch=ArchConfig(kind=kind, channels=4, width=16, gamma=0.8, depth=depth),
-        input=InputSpec(shape=(1, 8, 8) if kind == "conv" else (12,), mean=0.5, std=0.3),
-        classes=("a", "b", "c"),
-        solver=solver or SolverConfig(method="anderson", tol=1e-4, max_iter=50, damping=0.9),
-        options=dict(options or {}),
-    )
-    model = create_model(config)
-    model.finalize()
-    return model.eval()
+    return tiny_model(family, kind, dtype=torch.float32, gamma=0.8, depth=depth,
+                      options=options, solver=solver or SOLVER)  # fmt: skip
 
 
 def session_for(model):
