@@ -112,12 +112,12 @@ def assert_unique_fixed_point(
     x: Tensor,
     starts: list[Tensor],
     *,
-    solver: str = "anderson",
+    solver: str | None = None,
     tol: float = 1e-11,
     atol: float = 1e-8,
 ) -> Tensor:
-    """Solve from each start in ``starts`` (and the model's own ``z0``): every solve converges and
-    all reach the same ``z*``. Returns it."""
+    """Solve from each start in ``starts`` (and the model's own ``z0``) with ``solver`` (default:
+    the family's): every solve converges and all reach the same ``z*``. Returns it."""
     with torch.no_grad():
         qx = model.inject(x)
         T = model.prepare_operator()
