@@ -20,7 +20,8 @@ one machine and in one process:
 - the Skip DEQ claim: mean iterations of ``mnist-skip-deq`` against ``mnist-fpn-5ep`` (the same
   operator, the same budget) at equal tolerance, with their accuracies.
 
-    python bench/families.py --data-root ../shared/data --out bench/results/families.json
+    python bench/families.py --data-root ../shared/data --checkpoint-root /tmp/families \
+        --out bench/results/families.json
 
 prints the markdown tables and writes every number to ``--out``.
 """
@@ -100,9 +101,9 @@ def certified(model, dataset, batch: int = 500) -> dict:
     }
 
 
-def measure(name: str, dataset_name: str, data_root: Path, cache: dict) -> dict:
-    """Everything but speed (see :func:`main`) for ``checkpoints/<name>``."""
-    path = ROOT / "checkpoints" / name
+def measure(name: str, dataset_name: str, data_root: Path, cache: dict, root: Path) -> dict:
+    """Everything but speed (see :func:`main`) for ``<root>/<name>``."""
+    path = root / name
     checkpoint = load_checkpoint(path)
     model = checkpoint.model
     if dataset_name not in cache:
@@ -161,6 +162,9 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
+    # Only mnist-fpn and one model per family are bundled: point this at the directory
+    # bench/train_families.sh trained into for the full set.
+    parser.add_argument("--checkpoint-root", type=Path, default=ROOT / "checkpoints")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per round")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "families.json")
@@ -174,9 +178,14 @@ def main() -> None:
         for short in names:
             name = f"{dataset_name}-{short}"
             print(f"measuring {name} ...", file=sys.stderr, flush=True)
-            tables[dataset_name].append(measure(name, dataset_name, args.data_root, cache))
+            tables[dataset_name].append(
+                measure(name, dataset_name, args.data_root, cache, args.checkpoint_root)
+            )
     rows = [(d, r) for d, table in tables.items() for r in table]
-    models = {r["checkpoint"]: load_checkpoint(ROOT / r["checkpoint"]).model for _, r in rows}
+    root = args.checkpoint_root
+    models = {
+        r["checkpoint"]: load_checkpoint(root / Path(r["checkpoint"]).name).model for _, r in rows
+    }
     speed: dict[str, dict[str, list[float]]] = {k: {"ips": [], "step": []} for k in models}
     round_loads = []
     for round_ in range(args.rounds):

@@ -161,7 +161,7 @@ def main() -> None:
 
     from serve_load import load_images
 
-    from models.export import export_checkpoint
+    from models.onnx.export import export_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="fpn-onnx-bench-"))
     model_dir = work / "models"
@@ -172,7 +172,7 @@ def main() -> None:
     if (args.data_dir / "mnist" / "t10k-images-idx3-ubyte.gz").is_file():
         x = load_images(args.data_dir, 512)
     else:  # e.g. a GPU machine without the datasets: same shapes, other iteration counts
-        from models.export import verification_inputs
+        from models.onnx.verify import verification_inputs
 
         print(f"MNIST not under {args.data_dir}: timing synthetic inputs instead", flush=True)
         x = verification_inputs((1, 28, 28), 512)

@@ -3,7 +3,7 @@
 Three ways to run the same solve (same inputs, same per-sample ``tol`` / ``max_iter``):
 
 - ``torch``: ``ImplicitClassifier.predict`` (the torch backend).
-- ``ort-loop``: the whole solve in one ONNX graph (``models.export.build_onnx``: ``Q(x)`` once,
+- ``ort-loop``: the whole solve in one ONNX graph (``models.onnx.build.build_onnx``: ``Q(x)`` once,
   an ``ONNX Loop`` whose body applies ``T``, tests every sample's residual and drops finished
   rows), one ``InferenceSession.run`` per batch. This is what ``fpn-export`` writes.
 - ``ort-host``: the parts as three ONNX graphs (prologue ``x -> (Q(x), z0)``, step ``T``, epilogue
@@ -32,18 +32,23 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models import export as E  # noqa: E402
 from models import load_checkpoint  # noqa: E402
+from models.onnx.build import build_onnx  # noqa: E402
+from models.onnx.parts import export_parts  # noqa: E402
+from models.onnx.plan import plan_export  # noqa: E402
+from models.onnx.runtime import onnx_session, run_onnx  # noqa: E402
+from models.onnx.verify import verification_inputs  # noqa: E402
 
 
 class HostLoop:
     """The host-side design: three sessions and a numpy solver loop."""
 
-    def __init__(self, parts: dict, threads: int, damping: float, anderson: dict) -> None:
-        self.sessions = {k: E.onnx_session(v.SerializeToString(), threads=threads)
+    def __init__(self, parts: dict, threads: int, solvers: dict) -> None:
+        self.sessions = {k: onnx_session(v.SerializeToString(), threads=threads)
                          for k, v in parts.items()}  # fmt: skip
-        self.damping = damping
-        self.anderson = anderson
+        self.damping = solvers["picard"].damping
+        a = solvers["anderson"]
+        self.anderson = {"memory": a.memory, "mixing": a.mixing, "regularization": a.regularization}
 
     def step(self, z: np.ndarray, qx: np.ndarray) -> np.ndarray:
         session = self.sessions["step"]
@@ -167,12 +172,12 @@ def main() -> None:
     for path in checkpoints:
         model = load_checkpoint(path).model
         config = model.config
-        loop = E.onnx_session(E.build_onnx(model).SerializeToString(), threads=args.threads)
-        plan = E._plan(model)
-        host = HostLoop(E.export_parts(model), args.threads, plan.damping, plan.anderson)
-        x_all = E.verification_inputs(tuple(config.input.shape), max(args.batches), seed=3)
+        loop = onnx_session(build_onnx(model).SerializeToString(), threads=args.threads)
+        plan = plan_export(model)
+        host = HostLoop(export_parts(plan, tuple(config.input.shape)), args.threads, plan.solvers)
+        x_all = verification_inputs(tuple(config.input.shape), max(args.batches), seed=3)
         entry = results["models"].setdefault(path.name, {})
-        for solver in E.SOLVER_NAMES:
+        for solver in plan.solvers:
             for b in args.batches:
                 x = x_all[:b]
                 tol = np.full(b, config.solver.tol)
@@ -180,7 +185,7 @@ def main() -> None:
                 repeats = 50 if b == 1 else 10
                 xt, tt, mt = (torch.from_numpy(v) for v in (x, tol, max_iter))
                 torch_call = partial(model.predict, xt, tol=tt, max_iter=mt, solver=solver)
-                loop_call = partial(E.run_onnx, loop, x, tol=tol, max_iter=max_iter, solver=solver)
+                loop_call = partial(run_onnx, loop, x, tol=tol, max_iter=max_iter, solver=solver)
                 host_call = partial(host.predict, x, tol, max_iter, solver)
                 with torch.inference_mode():
                     ref = torch_call()

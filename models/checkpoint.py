@@ -8,14 +8,13 @@ A checkpoint is a directory::
     model.onnx         optional, written by fpn-export
 
 Files are written to a temporary name and moved into place with ``os.replace``, so a reader never
-sees half a checkpoint. Every failure to load names the file and the problem.
+sees half a checkpoint. Every failure to load names the file and the problem. The torch-free part
+(file names, ``config.json``) lives in :mod:`models.checkpoint_files`; it is re-exported here.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,18 +23,34 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .checkpoint_files import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    ONNX_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    CheckpointMetadata,
+    atomic_write,
+    read_config,
+    read_metadata,
+)
 from .config import ModelConfig
 from .families import create_model
 from .implicit import ImplicitClassifier
 
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-ONNX_FILE = "model.onnx"
-
-
-class CheckpointError(Exception):
-    """A checkpoint directory cannot be read; the message names the file and the problem."""
+__all__ = [
+    "CONFIG_FILE",
+    "FORMAT_VERSION",
+    "ONNX_FILE",
+    "WEIGHTS_FILE",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointMetadata",
+    "load_checkpoint",
+    "read_config",
+    "read_metadata",
+    "save_checkpoint",
+]
 
 
 @dataclass
@@ -72,62 +87,12 @@ def save_checkpoint(
         "metrics": metrics or {},
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
-    _atomic_write(
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p)))
+    atomic_write(
         directory / CONFIG_FILE,
         lambda p: p.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n"),
     )
     return directory
-
-
-def read_config(directory: str | Path) -> dict[str, Any]:
-    """Parse and check ``config.json`` without touching the weights."""
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (a checkpoint directory needs {CONFIG_FILE})")
-    try:
-        document = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(document, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    version = document.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format_version {version!r} is not supported "
-            f"(this build reads {FORMAT_VERSION})"
-        )
-    for key in ("training", "metrics"):
-        if not isinstance(document.get(key) or {}, dict):
-            raise CheckpointError(f"{path}: {key!r} must be a JSON object")
-    return document
-
-
-@dataclass(frozen=True)
-class CheckpointMetadata:
-    """Everything in ``config.json``, parsed and checked; no weights read."""
-
-    name: str
-    config: ModelConfig
-    training: dict[str, Any]
-    metrics: dict[str, Any]
-
-
-def read_metadata(directory: str | Path) -> CheckpointMetadata:
-    """Parse ``config.json`` into the model config and the metadata around it."""
-    directory = Path(directory)
-    document = read_config(directory)
-    model_fields = {k: v for k, v in document.items() if k not in _METADATA_KEYS}
-    try:
-        config = ModelConfig.from_dict(model_fields)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{directory / CONFIG_FILE}: invalid model config ({exc})") from None
-    return CheckpointMetadata(
-        name=str(document.get("name") or directory.name),
-        config=config,
-        training=dict(document.get("training") or {}),
-        metrics=dict(document.get("metrics") or {}),
-    )
 
 
 def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu") -> Checkpoint:
@@ -154,9 +119,6 @@ def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu"
     )
 
 
-_METADATA_KEYS = {"format_version", "name", "training", "metrics"}
-
-
 def _check_tensors(model: ImplicitClassifier, tensors: dict[str, torch.Tensor], path: Path) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -172,15 +134,3 @@ def _check_tensors(model: ImplicitClassifier, tensors: dict[str, torch.Tensor], 
     ]
     if problems:
         raise CheckpointError(f"{path}: does not match {CONFIG_FILE}: " + "; ".join(problems))
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a served checkpoint is read by other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-from models import CheckpointError, ModelConfig
-from models.checkpoint import read_metadata
+# The torch-free modules only: the onnxruntime backend builds on this one without torch.
+from models.checkpoint_files import CheckpointError, read_metadata
+from models.config import ModelConfig
 
 if TYPE_CHECKING:  # this module stays torch-free: the onnxruntime backend imports it
     import torch

@@ -1,10 +1,12 @@
 """The onnxruntime backend (``FPN_BACKEND=onnxruntime``): serves a checkpoint's ``model.onnx``.
 
-The file is the one ``fpn-export --checkpoint DIR`` writes (:mod:`models.export`): the whole
+The file is the one ``fpn-export --checkpoint DIR`` writes (:mod:`models.onnx`): the whole
 adaptive-depth solve in one graph, with per-sample ``tol`` / ``max_iter`` and the solver as
 inputs, so one ``InferenceSession.run`` answers one batch. This backend never builds the torch
-model or reads the weights; it checks that ``model.onnx`` was exported from the checkpoint's
-current ``model.safetensors`` and ``config.json`` (fingerprints in the file's metadata).
+model or reads the weights, and does not import torch (:mod:`models.onnx.runtime` is all it
+needs); it checks that ``model.onnx`` was exported from the checkpoint's current
+``model.safetensors`` and ``config.json`` (fingerprints in the file's metadata), and offers the
+solvers the file records.
 
 Execution provider: CUDA when a GPU is requested (``FPN_DEVICE=cuda[:N]``) or available
 (``auto``) and onnxruntime has the CUDA provider (the ``onnxruntime-gpu`` wheel, the ``gpu``
@@ -23,16 +25,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from models import CheckpointError
-from models.checkpoint import ONNX_FILE
-from models.export import (
-    EXPORT_VERSION,
-    INPUTS,
+from models.checkpoint_files import ONNX_FILE, CheckpointError
+from models.onnx.runtime import (
     OUTPUTS,
-    SOLVER_NAMES,
     ExportError,
-    check_exportable,
-    check_fresh,
+    check_interface,
+    default_solver,
+    solver_index,
+    solver_names,
 )
 
 from .base import BatchRequest, BatchResult, ModelInfo, UnsupportedModel, read_model_info
@@ -92,22 +92,14 @@ class OnnxBackend:
         self.classes = 0
         self.extras: list[str] = []
         self.providers: list[str] = []
+        self.metadata: dict[str, str] = {}
 
     def load(self, path: Path, *, device: str, num_threads: int | None) -> ModelInfo:
         path = Path(path)
         name, config, training, metrics = read_model_info(path)
         onnx_path = path / ONNX_FILE
-        try:
-            check_exportable(config)
-        except ExportError as exc:
-            raise UnsupportedModel(
-                f"{path}: FPN_BACKEND=onnxruntime cannot serve it: {exc}"
-            ) from None
         if not onnx_path.is_file():
-            raise CheckpointError(
-                f"{onnx_path}: missing; FPN_BACKEND=onnxruntime serves exported models: run "
-                f"`fpn-export --checkpoint {path}` first"
-            )
+            raise _missing_export(path, config)
         ort = _onnxruntime()
         wanted = choose_providers(device, ort.get_available_providers())
         options = ort.SessionOptions()
@@ -125,12 +117,13 @@ class OnnxBackend:
                 f"FPN_DEVICE={device} but onnxruntime could not start {CUDA} (providers in use: "
                 f"{self.providers}); check the CUDA and cuDNN libraries onnxruntime-gpu needs"
             )
-        if device == "auto" and self.providers[0] != CUDA and _torch_sees_cuda():
+        if device == "auto" and self.providers[0] != CUDA and _gpu_present():
             log.warning(
                 "%s: a GPU is present but onnxruntime runs on %s (install onnxruntime-gpu, "
                 "the gpu extra, to serve on CUDA)", name, self.providers[0],
             )  # fmt: skip
         self.session = session
+        self.metadata = dict(session.get_modelmeta().custom_metadata_map)
         self.classes = config.num_classes
         self.outputs = [o.name for o in session.get_outputs()]
         self.extras = [o for o in self.outputs if o not in OUTPUTS]
@@ -142,26 +135,16 @@ class OnnxBackend:
             config=config,
             training=training,
             metrics=metrics,
-            solvers=tuple(sorted(SOLVER_NAMES)),
-            default_solver=config.solver.method,
+            solvers=solver_names(self.metadata),
+            default_solver=default_solver(self.metadata, config.solver.method),
             device=in_use,
         )
 
     @staticmethod
     def _check_file(path: Path, session) -> None:
-        onnx_path = path / ONNX_FILE
         metadata = session.get_modelmeta().custom_metadata_map
-        version = metadata.get("fpn.export_version")
-        if version != str(EXPORT_VERSION):
-            raise CheckpointError(
-                f"{onnx_path}: export version {version!r}, this build serves {EXPORT_VERSION}; "
-                f"run `fpn-export --checkpoint {path}` again"
-            )
-        names = [i.name for i in session.get_inputs()]
-        if names[: len(INPUTS) - 1] != list(INPUTS[:-1]):
-            raise CheckpointError(f"{onnx_path}: inputs {names}, expected {list(INPUTS)}")
         try:
-            check_fresh(path, metadata)
+            check_interface(path, metadata, [i.name for i in session.get_inputs()])
         except ExportError as exc:
             raise CheckpointError(str(exc)) from None
 
@@ -173,7 +156,7 @@ class OnnxBackend:
             "x": np.ascontiguousarray(batch.x, dtype=np.float32),
             "tol": np.ascontiguousarray(batch.tol, dtype=np.float64),
             "max_iter": np.ascontiguousarray(batch.max_iter, dtype=np.int64),
-            "solver": np.array(SOLVER_NAMES.index(batch.solver), dtype=np.int64),
+            "solver": np.array(solver_index(self.metadata, batch.solver), dtype=np.int64),
         }
         if n == 0:
             return BatchResult(
@@ -202,9 +185,22 @@ def _cuda_index(providers: list[Any]) -> int:
     return 0
 
 
-def _torch_sees_cuda() -> bool:
+def _missing_export(path: Path, config) -> CheckpointError:
+    """The error for a checkpoint without ``model.onnx``: unsupported (skipped) when its family
+    does not export, else a load failure that says how to export it. Only this error path asks the
+    family, and so imports torch."""
+    from models.onnx.plan import check_config_exportable
+
     try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency of models
-        return False
-    return torch.cuda.is_available()
+        check_config_exportable(config)
+    except ExportError as exc:
+        return UnsupportedModel(f"{path}: FPN_BACKEND=onnxruntime cannot serve it: {exc}")
+    return CheckpointError(
+        f"{path / ONNX_FILE}: missing; FPN_BACKEND=onnxruntime serves exported models: run "
+        f"`fpn-export --checkpoint {path}` first"
+    )
+
+
+def _gpu_present() -> bool:
+    """Whether a CUDA GPU is visible (NVIDIA's device nodes), without importing torch."""
+    return Path("/dev/nvidiactl").exists() or Path("/dev/nvidia0").exists()

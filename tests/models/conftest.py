@@ -1,4 +1,5 @@
-"""Fixtures for the model library's tests: tiny models and maps with known fixed points.
+"""Fixtures for the model library's tests: tiny models (built by :mod:`model_fixtures`, the one
+home of the tiny-model helpers) and maps with known fixed points.
 
 Everything here is small and float64 unless a test says otherwise, so exact comparisons are
 meaningful and the whole package runs in seconds on a CPU. Helpers reach tests as fixtures
@@ -11,94 +12,43 @@ import gzip
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from model_fixtures import random_inputs, tiny_model
 from torch import Tensor
 
-from models import (
-    ArchConfig,
-    BackpropConfig,
-    ImplicitClassifier,
-    InputSpec,
-    ModelConfig,
-    SolverConfig,
-    create_model,
-)
+from models import BackpropConfig, ImplicitClassifier, SolverConfig
 
 HALF_COS_FIXED_POINT = 0.45018361129487355  # z = 0.5·cos(z), by Newton's method
 CORE_FAMILIES = ("fpn", "deq", "explicit")  # must support both arch kinds
-KINDS = ("conv", "mlp")
-TINY_INPUT = {"conv": (1, 8, 8), "mlp": (12,)}
-
-
-def tiny_config(
-    family: str = "fpn",
-    kind: str = "mlp",
-    *,
-    gamma: float = 0.5,
-    channels: int = 4,
-    width: int = 16,
-    depth: int = 3,
-    input_shape: tuple[int, ...] | None = None,
-    classes: int = 3,
-    solver: SolverConfig | None = None,
-    backprop: BackpropConfig | None = None,
-) -> ModelConfig:
-    """A model config small enough for exact, fast tests (conv: 1×8×8 in, 4×4×4 state)."""
-    return ModelConfig(
-        family=family,
-        arch=ArchConfig(kind=kind, channels=channels, width=width, gamma=gamma, depth=depth),
-        input=InputSpec(shape=input_shape or TINY_INPUT[kind]),
-        classes=tuple(f"class-{i}" for i in range(classes)),
-        solver=solver or SolverConfig(),
-        backprop=backprop or BackpropConfig(),
-    )
 
 
 @pytest.fixture
 def make_model() -> Callable[..., ImplicitClassifier]:
-    """``make_model(family, kind, *, dtype=float64, train=False, **tiny_config_kwargs)``.
+    """``make_model(family, kind, *, dtype=float64, train=False, **tiny_config_kwargs)``:
+    :func:`model_fixtures.tiny_model` with the library's default solver and backprop settings
+    and γ = 0.5. Families outside :data:`CORE_FAMILIES` that reject an arch kind with a
+    ``ValueError`` skip the test (the core families must build every kind)."""
 
-    The model's spectral-norm estimates are converged in its final dtype, so ``Lip(T) ≤ γ`` holds
-    to that precision. Families outside :data:`CORE_FAMILIES` that reject an arch kind with a
-    ``ValueError`` skip the test (the core families must build every kind).
-    """
-
-    def make(
-        family: str = "fpn",
-        kind: str = "mlp",
-        *,
-        dtype: torch.dtype = torch.float64,
-        train: bool = False,
-        **kwargs,
-    ) -> ImplicitClassifier:
-        config = tiny_config(family, kind, **kwargs)
+    def make(family: str = "fpn", kind: str = "mlp", **kwargs: Any) -> ImplicitClassifier:
+        kwargs = {"gamma": 0.5, "solver": SolverConfig(), "backprop": BackpropConfig(), **kwargs}
         try:
-            model = create_model(config)
+            return tiny_model(family, kind, **kwargs)
         except ValueError as exc:
             if family in CORE_FAMILIES:
                 raise
             pytest.skip(f"family {family!r} does not build a {kind} model: {exc}")
-        model = model.to(dtype)
-        model.tighten_lipschitz()
-        return model.train(train)
 
     return make
 
 
 @pytest.fixture
 def make_inputs() -> Callable[..., Tensor]:
-    """``make_inputs(model, batch, seed=1)``: raw [0, 1] inputs (batch, *input.shape), in the
-    model's dtype."""
-
-    def make(model: ImplicitClassifier, batch: int, *, seed: int = 1) -> Tensor:
-        dtype = next(model.parameters()).dtype
-        generator = torch.Generator().manual_seed(seed)
-        return torch.rand(batch, *model.config.input.shape, generator=generator, dtype=dtype)
-
-    return make
+    """``make_inputs(model, batch, seed=1)``: :func:`model_fixtures.random_inputs`."""
+    return random_inputs
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""ONNX export (``models.export``, ``fpn-export``) and the onnxruntime backend that serves it.
+"""ONNX export (``models.onnx``, ``fpn-export``) and the onnxruntime backend that serves it.
 
 - Parity: every bundled checkpoint that exports, on 1,000 MNIST test images, with both solvers
   at two tolerances: labels identical, probabilities within 1e-4, iterations within ±1 of torch.
@@ -18,15 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_fixtures import tiny_model
 from typer.testing import CliRunner
 
 from models import (
-    ArchConfig,
     CheckpointError,
-    InputSpec,
-    ModelConfig,
     SolverConfig,
-    create_model,
     load_checkpoint,
     save_checkpoint,
 )
@@ -35,39 +32,36 @@ from models.checkpoint import read_config
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from models import export as E  # noqa: E402
-from models.export_cli import app as export_app  # noqa: E402
+from models.onnx import runtime as R  # noqa: E402
+from models.onnx import verify as V  # noqa: E402
+from models.onnx.build import build_onnx  # noqa: E402
+from models.onnx.cli import app as export_app  # noqa: E402
+from models.onnx.export import export_checkpoint  # noqa: E402
+from models.onnx.plan import unexportable_reason  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLED = sorted(p.parent.name for p in (REPO / "checkpoints").glob("*/config.json"))
 PARITY_TOLS = (1e-4, 1e-6)
 
 
+SOLVER = SolverConfig(method="anderson", tol=1e-4, max_iter=50, damping=0.9)
+
+
 def tiny(family: str, kind: str = "mlp", *, options=None, solver=None, depth: int = 3):
     """A small float32 model in eval mode (the dtype the service runs)."""
-    torch.manual_seed(0)
-    config = ModelConfig(
-        family=family,
-        arch=ArchConfig(kind=kind, channels=4, width=16, gamma=0.8, depth=depth),
-        input=InputSpec(shape=(1, 8, 8) if kind == "conv" else (12,), mean=0.5, std=0.3),
-        classes=("a", "b", "c"),
-        solver=solver or SolverConfig(method="anderson", tol=1e-4, max_iter=50, damping=0.9),
-        options=dict(options or {}),
-    )
-    model = create_model(config)
-    model.finalize()
-    return model.eval()
+    return tiny_model(family, kind, dtype=torch.float32, gamma=0.8, depth=depth,
+                      options=options, solver=solver or SOLVER)  # fmt: skip
 
 
 def session_for(model):
-    return E.onnx_session(E.build_onnx(model).SerializeToString())
+    return R.onnx_session(build_onnx(model).SerializeToString())
 
 
 def assert_parity(c: dict, *, prob_atol: float = 1e-4) -> None:
     """The acceptance rule: labels identical, probabilities within ``prob_atol``, iterations
-    within ±1 of torch except rare float32 near-ties at ``tol`` (``models.export.NEAR_TIE``),
+    within ±1 of torch except rare float32 near-ties at ``tol`` (``models.onnx.verify.NEAR_TIE``),
     extras (``certified_radius_linf``) within 1e-4."""
-    summary = E.agreement(c)
+    summary = V.agreement(c)
     np.testing.assert_array_equal(c["labels_onnx"], c["labels_torch"])
     assert summary["max_probability_diff"] <= prob_atol, summary
     assert summary["max_iteration_diff"] <= 1, summary
@@ -107,19 +101,19 @@ def test_bundled_checkpoint_matches_torch(name, test_images, tmp_path) -> None:
     source = REPO / "checkpoints" / name
     document = read_config(source)
     directory = shutil.copytree(source, tmp_path / name)
-    if document["family"] in E.UNSUPPORTED:  # e.g. cdeq: refused with the reason, nothing written
-        with pytest.raises(E.ExportError, match=r"cannot be exported.*FPN_BACKEND=torch"):
-            E.export_checkpoint(directory)
+    model = load_checkpoint(directory).model
+    if unexportable_reason(model):  # e.g. cdeq: refused with the reason, nothing written
+        with pytest.raises(R.ExportError, match=r"cannot be exported.*FPN_BACKEND=torch"):
+            export_checkpoint(directory)
         assert not (directory / "model.onnx").exists()
         return
     x = test_images(document.get("training", {}).get("dataset") or "mnist")
-    result = E.export_checkpoint(directory, samples=100)  # writes model.onnx, like fpn-export
-    model = load_checkpoint(directory).model
-    session = E.onnx_session(result.path)
-    for solver in E.SOLVER_NAMES:
+    result = export_checkpoint(directory, samples=100)  # writes model.onnx, like fpn-export
+    session = R.onnx_session(result.path)
+    for solver in model.solvers():
         for tol in PARITY_TOLS:
             parts = [
-                E.compare(model, session, x[i : i + 250], tol=tol,
+                V.compare(model, session, x[i : i + 250], tol=tol,
                           max_iter=model.config.solver.max_iter, solver=solver)
                 for i in range(0, 1000, 250)
             ]  # fmt: skip
@@ -144,12 +138,12 @@ FAMILY_CASES = [
 def test_exported_family_matches_torch(family, kind, options) -> None:
     model = tiny(family, kind, options=options)
     session = session_for(model)
-    x = E.verification_inputs(tuple(model.config.input.shape), 48)
+    x = V.verification_inputs(tuple(model.config.input.shape), 48)
     rng = np.random.default_rng(0)
     tol = 10.0 ** rng.uniform(-6, -2, 48)
     max_iter = rng.integers(1, 60, 48)
     for solver in model.solvers():
-        c = E.compare(model, session, x, tol=tol, max_iter=max_iter, solver=solver)
+        c = V.compare(model, session, x, tol=tol, max_iter=max_iter, solver=solver)
         assert_parity(c, prob_atol=1e-5)
         # Same stop, same residual (up to float32 noise, about 1e-6 relative to the state).
         same = c["iterations_onnx"] == c["iterations_torch"]
@@ -174,13 +168,13 @@ def torch_predict(model, x, **knobs):
     return model.predict(torch.from_numpy(x), **knobs)
 
 
-@pytest.mark.parametrize("solver", E.SOLVER_NAMES)
+@pytest.mark.parametrize("solver", ("picard", "anderson"))
 def test_per_sample_max_iter_and_tol(fpn_onnx, solver) -> None:
     model, session = fpn_onnx
-    x = np.repeat(E.verification_inputs((12,), 1), 6, axis=0)
+    x = np.repeat(V.verification_inputs((12,), 1), 6, axis=0)
     tol = np.array([1e-12, 1e-12, 1e-12, 1e-2, 1e-4, 1e-6])
     max_iter = np.array([1, 2, 3, 200, 200, 200])
-    got = E.run_onnx(session, x, tol=tol, max_iter=max_iter, solver=solver)
+    got = R.run_onnx(session, x, tol=tol, max_iter=max_iter, solver=solver)
     ref = torch_predict(model, x, tol=tol, max_iter=max_iter, solver=solver)
     assert got["iterations"][:3].tolist() == [1, 2, 3]
     assert not got["converged"][:3].any() and got["converged"][3:].all()
@@ -191,11 +185,11 @@ def test_per_sample_max_iter_and_tol(fpn_onnx, solver) -> None:
 
 def test_a_non_finite_sample_stops_alone(fpn_onnx) -> None:
     model, session = fpn_onnx
-    x = E.verification_inputs((12,), 4)
-    alone = E.run_onnx(session, x, tol=1e-5, max_iter=100)
+    x = V.verification_inputs((12,), 4)
+    alone = R.run_onnx(session, x, tol=1e-5, max_iter=100)
     x_bad = x.copy()
     x_bad[1, 3] = np.inf
-    got = E.run_onnx(session, x_bad, tol=1e-5, max_iter=100)
+    got = R.run_onnx(session, x_bad, tol=1e-5, max_iter=100)
     ref = torch_predict(model, x_bad, tol=1e-5, max_iter=100)
     assert got["iterations"][1] == ref.stats.iterations[1] == 1
     assert not got["converged"][1] and not np.isfinite(got["residual"][1])
@@ -206,23 +200,30 @@ def test_a_non_finite_sample_stops_alone(fpn_onnx) -> None:
 
 def test_solver_input_is_optional_and_selects_the_loop(fpn_onnx) -> None:
     model, session = fpn_onnx
-    x = E.verification_inputs((12,), 8)
-    default = E.run_onnx(session, x, tol=1e-6, max_iter=100)  # no "solver" fed
-    anderson = E.run_onnx(session, x, tol=1e-6, max_iter=100, solver="anderson")
-    picard = E.run_onnx(session, x, tol=1e-6, max_iter=100, solver="picard")
+    x = V.verification_inputs((12,), 8)
+    default = R.run_onnx(session, x, tol=1e-6, max_iter=100)  # no "solver" fed
+    anderson = R.run_onnx(session, x, tol=1e-6, max_iter=100, solver="anderson")
+    picard = R.run_onnx(session, x, tol=1e-6, max_iter=100, solver="picard")
     np.testing.assert_array_equal(default["iterations"], anderson["iterations"])
     assert model.config.solver.method == "anderson"
     assert not np.array_equal(anderson["iterations"], picard["iterations"])
 
 
-def test_explicit_depth_ignores_solver_knobs() -> None:
+def test_explicit_depth_ignores_tol_and_max_iter() -> None:
+    """The explicit twin's one solver is ``fixed-depth``: exactly ``depth`` applications of ``T``
+    whatever ``tol`` / ``max_iter``, and the residual of its last step, as in torch."""
     model = tiny("explicit", depth=4)
     session = session_for(model)
-    x = E.verification_inputs((12,), 5)
-    a = E.run_onnx(session, x, tol=1e-2, max_iter=1, solver="picard")
-    b = E.run_onnx(session, x, tol=1e-6, max_iter=50, solver="anderson")
+    assert R.solver_names(session.get_modelmeta().custom_metadata_map) == ("fixed-depth",)
+    x = V.verification_inputs((12,), 5)
+    a = R.run_onnx(session, x, tol=1e-2, max_iter=1)
+    b = R.run_onnx(session, x, tol=1e-6, max_iter=50, solver="fixed-depth")
     assert a["iterations"].tolist() == [4] * 5 and a["converged"].all()
     np.testing.assert_array_equal(a["probabilities"], b["probabilities"])
+    ref = torch_predict(model, x, tol=1e-2, max_iter=1)
+    np.testing.assert_allclose(a["residual"], ref.stats.residual.numpy(), rtol=1e-4)
+    with pytest.raises(ValueError, match=r"unknown solver 'picard'.*\['fixed-depth'\]"):
+        R.run_onnx(session, x, tol=1e-2, max_iter=1, solver="picard")
 
 
 # --- fpn-export ---------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def test_fpn_export_writes_one_self_contained_file(tmp_path) -> None:
     assert len(tensors) > 5 and all(t.data_location == onnx.TensorProto.DEFAULT for t in tensors)
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["fpn.family"] == "fpn" and meta["fpn.solvers"] == "picard,anderson"
-    E.check_fresh(directory, meta)  # fingerprints of the files it came from
+    R.check_fresh(directory, meta)  # fingerprints of the files it came from
 
 
 def test_unexportable_family_fails_clearly(tmp_path) -> None:
@@ -275,7 +276,7 @@ def test_missing_checkpoint_names_the_file(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
     directory = save_checkpoint(tiny("linf"), tmp_path_factory.mktemp("ck") / "tiny-linf")
-    E.export_checkpoint(directory, samples=40)
+    export_checkpoint(directory, samples=40)
     return directory
 
 
@@ -284,13 +285,11 @@ def test_backend_matches_the_torch_backend(exported) -> None:
 
     onnx_backend, torch_backend = get_backend("onnxruntime")(), get_backend("torch")()
     info = onnx_backend.load(exported, device="auto", num_threads=1)
-    torch_backend.load(exported, device="cpu", num_threads=1)
-    assert (info.device, info.config.family, info.solvers) == (
-        "cpu",
-        "linf",
-        ("anderson", "picard"),
-    )
-    x = E.verification_inputs((12,), 16)
+    torch_info = torch_backend.load(exported, device="cpu", num_threads=1)
+    assert (info.device, info.config.family) == ("cpu", "linf")
+    assert (info.solvers, info.default_solver) == (torch_info.solvers, torch_info.default_solver)
+    assert info.solvers == ("picard", "anderson")
+    x = V.verification_inputs((12,), 16)
     for solver in ("picard", "anderson"):
         request = BatchRequest(
             x=x, tol=np.full(16, 1e-5), max_iter=np.arange(1, 17, dtype=np.int64), solver=solver

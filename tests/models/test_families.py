@@ -1,4 +1,8 @@
-"""Every registered family builds, predicts with per-sample depth, and keeps samples independent."""
+"""What every registered family must do, one test per check parametrised over ``FAMILIES`` (as
+timm tests every registered model): build, predict with per-sample depth, keep samples
+independent, reach one fixed point from any start, back-propagate the gradient it claims,
+round-trip through a checkpoint and learn. Each family's own behaviour is in its
+``test_family_<name>.py``."""
 
 from __future__ import annotations
 
@@ -6,6 +10,15 @@ import json
 
 import pytest
 import torch
+from model_fixtures import (
+    assert_checkpoint_round_trip,
+    assert_gradient_matches_finite_differences,
+    assert_unique_fixed_point,
+    prototypes,
+    random_inputs,
+    tiny_model,
+    train_on_prototypes,
+)
 
 from models import (
     FAMILIES,
@@ -46,6 +59,40 @@ def test_every_family_names_a_real_default_backprop_mode(family):
     assert spec.name == family
     assert spec.default_backprop in BACKPROP_MODES
     assert spec.description
+
+
+@pytest.mark.parametrize("family", ADAPTIVE)
+def test_the_fixed_point_does_not_depend_on_where_the_solve_starts(family):
+    model = tiny_model(family, "mlp")
+    x = random_inputs(model, 4)
+    qx = model.inject(x)
+    z0 = model.initial_state(x, qx)
+    g = torch.Generator().manual_seed(3)
+    starts = [4 * torch.rand(z0.shape, generator=g, dtype=z0.dtype), -torch.ones_like(z0)]
+    assert_unique_fixed_point(model, x, starts, tol=1e-10, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["jfb", "ift"])
+@pytest.mark.parametrize("family", ADAPTIVE)
+def test_gradients_match_finite_differences(family, mode):
+    model = tiny_model(family, "mlp")
+    x = random_inputs(model, 5)
+    assert_gradient_matches_finite_differences(model, x, torch.tensor([0, 1, 2, 0, 1]), mode)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_checkpoint_round_trip(family, tmp_path):
+    model = tiny_model(family, "mlp")
+    assert_checkpoint_round_trip(model, random_inputs(model, 4), tmp_path / family)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_short_synthetic_run_learns(family):
+    model = tiny_model(family, "mlp", dtype=torch.float32, width=32)
+    before, after, _ = train_on_prototypes(model, steps=60)
+    assert before < 0.6 and after > 0.95, (before, after)
+    x, _ = prototypes(64, model.config.input.shape, 3, seed=1)
+    assert model.predict(x.float(), tol=1e-4, max_iter=200).stats.converged.all()
 
 
 def test_unknown_family_lists_the_available_ones():

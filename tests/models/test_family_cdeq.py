@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_checks import (
+from model_fixtures import (
     assert_checkpoint_round_trip,
-    assert_gradient_matches_finite_differences,
     assert_unique_fixed_point,
-    prototypes,
     random_inputs,
     tiny_model,
-    train_on_prototypes,
 )
 
 from models import get_family
@@ -144,24 +141,9 @@ def test_a_non_finite_sample_stops_alone():
     torch.testing.assert_close(z[:1], alone, rtol=1e-12, atol=1e-14)  # BLAS: batch-size ulps
 
 
-@pytest.mark.parametrize("mode", ["ift", "jfb"])
-def test_gradients_match_finite_differences(mode):
-    model = tiny_model("cdeq", "mlp")
-    x = random_inputs(model, 5)
-    assert_gradient_matches_finite_differences(model, x, torch.tensor([0, 1, 2, 0, 1]), mode)
-
-
 def test_checkpoint_round_trip(tmp_path):
     model = tiny_model("cdeq", "conv", options={"ode_method": "dopri5"})
     assert_checkpoint_round_trip(model, random_inputs(model, 4), tmp_path / "cdeq")
-
-
-def test_a_short_synthetic_run_learns():
-    model = tiny_model("cdeq", "mlp", dtype=torch.float32, width=32)
-    before, after, _ = train_on_prototypes(model, steps=60)
-    assert before < 0.6 and after > 0.95, (before, after)
-    x, _ = prototypes(64, model.config.input.shape, 3, seed=1)
-    assert model.predict(x.float(), tol=1e-4).stats.converged.all()
 
 
 def test_solver_names_pick_the_integrator():

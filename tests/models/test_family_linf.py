@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from family_checks import (
+from model_fixtures import (
     assert_checkpoint_round_trip,
     assert_gradient_matches_finite_differences,
     assert_unique_fixed_point,

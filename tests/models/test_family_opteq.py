@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_checks import (
-    assert_checkpoint_round_trip,
-    assert_gradient_matches_finite_differences,
-    assert_unique_fixed_point,
-    random_inputs,
-    tiny_model,
-    train_on_prototypes,
-)
+from model_fixtures import random_inputs, tiny_model
 
-from models import get_family
 from models.operators import jacobian_spectral_norm
 
 
@@ -91,33 +83,3 @@ def test_the_fixed_point_is_the_minimiser(kind):
     infeasible = z_star.clone()
     infeasible.view(4, -1)[:, 0] = -1.0
     assert torch.isinf(model.objective(infeasible, qx)).all()
-
-
-@pytest.mark.parametrize("kind", ["conv", "mlp"])
-def test_the_fixed_point_does_not_depend_on_where_the_solve_starts(kind):
-    model = tiny_model("opteq", kind)
-    x = random_inputs(model, 4)
-    qx = model.inject(x)
-    g = torch.Generator().manual_seed(3)
-    assert_unique_fixed_point(
-        model, x, [4 * torch.rand(qx.shape, generator=g, dtype=qx.dtype), -torch.ones_like(qx)]
-    )
-
-
-@pytest.mark.parametrize("mode", ["ift", "jfb"])
-def test_gradients_match_finite_differences(mode):
-    model = tiny_model("opteq", "mlp")
-    x = random_inputs(model, 5)
-    assert_gradient_matches_finite_differences(model, x, torch.tensor([0, 1, 2, 0, 1]), mode)
-
-
-def test_checkpoint_round_trip(tmp_path):
-    model = tiny_model("opteq", "conv")
-    assert_checkpoint_round_trip(model, random_inputs(model, 4), tmp_path / "opteq")
-
-
-def test_a_short_synthetic_run_learns():
-    model = tiny_model("opteq", "mlp", dtype=torch.float32, width=32)
-    before, after, _ = train_on_prototypes(model, steps=60)
-    assert before < 0.6 and after > 0.95, (before, after)
-    assert get_family("opteq").default_backprop == "jfb"

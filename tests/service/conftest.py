@@ -74,7 +74,7 @@ def for_backend(root: Path, backend: str, tmp_path_factory) -> Path:
     a copy whose checkpoints carry a ``model.onnx``."""
     if backend != "onnxruntime":
         return root
-    from models.export import export_checkpoint
+    from models.onnx.export import export_checkpoint
 
     copy = tmp_path_factory.mktemp(f"{root.name}-onnx")
     for checkpoint in sorted(p for p in root.iterdir() if (p / "config.json").is_file()):
@@ -131,13 +131,13 @@ class OnnxOffline(Offline):
     """The exported ``model.onnx`` run by onnxruntime in the test process (one thread)."""
 
     def __init__(self, path: Path) -> None:
-        from models.export import onnx_session
+        from models.onnx.runtime import onnx_session
 
         super().__init__(path)
         self.session = onnx_session(path / "model.onnx", threads=1)
 
     def predict(self, x: np.ndarray, *, tol=None, max_iter=None, solver=None) -> ImplicitOutput:
-        from models.export import run_onnx
+        from models.onnx.runtime import run_onnx
 
         defaults = self.model.config.solver
         out = run_onnx(

@@ -26,8 +26,9 @@ def fpn_export(
     after checking it against torch on SAMPLES inputs with every solver."""
     import torch
 
-    from .checkpoint import CheckpointError
-    from .export import ExportError, export_checkpoint
+    from ..checkpoint_files import CheckpointError
+    from .export import export_checkpoint
+    from .runtime import ExportError
 
     try:
         import onnx  # noqa: F401

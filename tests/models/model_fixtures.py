@@ -1,19 +1,23 @@
-"""Checks that every model family of the seeds must pass (``test_family_<name>.py`` call them).
+"""Tiny models, inputs and the checks every model family must pass: one module for all of
+``tests/models`` (``conftest.py`` wraps the builders as the ``make_model`` / ``make_inputs``
+fixtures; tests that need the checks import them from here).
 
+- :func:`tiny_config`, :func:`tiny_model`: models small enough for exact, fast tests (conv: 1×8×8
+  in, 4×4×4 state), float64 by default, spectral-norm estimates converged in the final dtype.
+- :func:`random_inputs`, :func:`prototypes`: inputs, and noisy class prototypes to learn.
 - :func:`assert_unique_fixed_point`: different starting points reach the same ``z*``.
 - :func:`assert_gradient_matches_finite_differences`: a backprop mode's gradient against central
   differences of the loss it claims to differentiate (IFT: the true loss through ``z*(θ)``;
   JFB: the loss with ``z*`` held fixed, one differentiable application of ``T``).
 - :func:`assert_checkpoint_round_trip`: save, load, same config and same predictions.
 - :func:`train_on_prototypes`: a short run on noisy class prototypes that must learn.
-
-Everything is float64 and tiny, so tolerances can be tight.
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,37 +36,56 @@ from models import (
 )
 
 TINY_INPUT = {"conv": (1, 8, 8), "mlp": (12,)}
+KINDS = ("conv", "mlp")
+# A precise solve by default, so that checks can compare fixed points tightly.
+PRECISE_SOLVER = SolverConfig(method="anderson", tol=1e-10, max_iter=400)
+PRECISE_BACKPROP = BackpropConfig(mode="jfb", tol=1e-12, max_iter=500)
+
+
+def tiny_config(
+    family: str = "fpn",
+    kind: str = "mlp",
+    *,
+    gamma: float = 0.7,
+    channels: int = 4,
+    width: int = 16,
+    depth: int = 3,
+    classes: int = 3,
+    input_shape: tuple[int, ...] | None = None,
+    options: dict[str, Any] | None = None,
+    solver: SolverConfig | None = None,
+    backprop: BackpropConfig | str | None = None,
+) -> ModelConfig:
+    """A small config; ``backprop`` may be a mode name (with the precise defaults)."""
+    if isinstance(backprop, str):
+        backprop = BackpropConfig(mode=backprop, tol=1e-12, max_iter=500)
+    return ModelConfig(
+        family=family,
+        arch=ArchConfig(kind=kind, channels=channels, width=width, gamma=gamma, depth=depth),
+        input=InputSpec(shape=input_shape or TINY_INPUT[kind], mean=0.5, std=0.3),
+        classes=tuple(f"class-{i}" for i in range(classes)),
+        solver=solver or PRECISE_SOLVER,
+        backprop=backprop or PRECISE_BACKPROP,
+        options=dict(options or {}),
+    )
 
 
 def tiny_model(
-    family: str,
+    family: str = "fpn",
     kind: str = "mlp",
     *,
-    options: dict | None = None,
-    gamma: float = 0.7,
-    width: int = 16,
-    channels: int = 4,
-    classes: int = 3,
-    input_shape: tuple[int, ...] | None = None,
-    solver: SolverConfig | None = None,
-    backprop: str | None = None,
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
+    train: bool = False,
+    **config: Any,
 ) -> ImplicitClassifier:
-    """A small model in eval mode with converged spectral-norm estimates."""
+    """:func:`tiny_config`'s model, seeded, in ``dtype``, finalised (spectral-norm estimates
+    converged in that dtype, so ``Lip(T) ≤ γ`` holds to its precision), in eval mode unless
+    ``train``."""
     torch.manual_seed(seed)
-    config = ModelConfig(
-        family=family,
-        arch=ArchConfig(kind=kind, channels=channels, width=width, gamma=gamma),
-        input=InputSpec(shape=input_shape or TINY_INPUT[kind], mean=0.5, std=0.3),
-        classes=tuple(f"c{i}" for i in range(classes)),
-        solver=solver or SolverConfig(method="anderson", tol=1e-10, max_iter=400),
-        backprop=BackpropConfig(mode=backprop or "jfb", tol=1e-12, max_iter=500),
-        options=dict(options or {}),
-    )
-    model = create_model(config).to(dtype)
+    model = create_model(tiny_config(family, kind, **config)).to(dtype)
     model.finalize()
-    return model.eval()
+    return model.train(train)
 
 
 def prototypes(
@@ -78,6 +101,7 @@ def prototypes(
 
 
 def random_inputs(model: ImplicitClassifier, batch: int, seed: int = 1) -> Tensor:
+    """Raw [0, 1] inputs (batch, *input.shape) in the model's dtype."""
     g = torch.Generator().manual_seed(seed)
     dtype = next(model.parameters()).dtype
     return torch.rand(batch, *model.config.input.shape, generator=g, dtype=dtype)
@@ -88,12 +112,12 @@ def assert_unique_fixed_point(
     x: Tensor,
     starts: list[Tensor],
     *,
-    solver: str = "anderson",
+    solver: str | None = None,
     tol: float = 1e-11,
     atol: float = 1e-8,
 ) -> Tensor:
-    """Solve from each start in ``starts`` (and the model's own ``z0``): every solve converges and
-    all reach the same ``z*``. Returns it."""
+    """Solve from each start in ``starts`` (and the model's own ``z0``) with ``solver`` (default:
+    the family's): every solve converges and all reach the same ``z*``. Returns it."""
     with torch.no_grad():
         qx = model.inject(x)
         T = model.prepare_operator()
