@@ -134,6 +134,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) - 1))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "engine_ab.json")
+    parser.add_argument(
+        "--onnxruntime",
+        action="store_true",
+        help="also serve this revision with FPN_BACKEND=onnxruntime (whole-solve graph, batcher)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install -y wrk")
@@ -160,11 +165,14 @@ def main() -> None:
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q",
                         str(previous), args.rev], check=True)  # fmt: skip
         try:
-            rounds: dict[str, list[dict]] = {"engine": [], "previous": []}
+            names = ["previous", "engine"] + (["onnxruntime"] if args.onnxruntime else [])
+            rounds: dict[str, list[dict]] = {name: [] for name in names}
             for r in range(args.rounds):
-                for name in ("previous", "engine") if r % 2 == 0 else ("engine", "previous"):
+                for name in names if r % 2 == 0 else names[::-1]:
                     source = previous if name == "previous" else None
-                    server = Server(models, env, tmp_path / f"{name}.log", source=source)
+                    backend = {"FPN_BACKEND": "onnxruntime"} if name == "onnxruntime" else {}
+                    log = tmp_path / f"{name}.log"
+                    server = Server(models, {**env, **backend}, log, source=source)
                     try:
                         rounds[name].append(one_round(server, bodies, args.duration))
                     finally:
@@ -183,8 +191,7 @@ def main() -> None:
         "client": "wrk -t1 (two at once for the mix), bench/wrk/predict.lua",
         "previous_revision": args.rev,
         "in_process": in_process,
-        "engine": summarise(rounds["engine"], in_process),
-        "previous": summarise(rounds["previous"], in_process),
+        **{name: summarise(runs, in_process) for name, runs in rounds.items()},
     }
     e, p = result["engine"], result["previous"]
     result["engine_over_previous"] = {
@@ -198,9 +205,9 @@ def main() -> None:
         "c64_rps", "c64_over_in_process_batch64", "c1_p50_ms", "c1_added_ms", "errors",
     )  # fmt: skip
     print(f"in process: {json.dumps(in_process)}")
-    print("| metric | previous | engine |\n| --- | ---: | ---: |")
+    print("| metric | " + " | ".join(rounds) + " |\n| --- |" + " ---: |" * len(rounds))
     for key in keys:
-        print(f"| {key} | {p[key]:.3f} | {e[key]:.3f} |")
+        print(f"| {key} | " + " | ".join(f"{result[name][key]:.3f}" for name in rounds) + " |")
 
 
 if __name__ == "__main__":
