@@ -152,7 +152,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         environment = {k: v for k, v in os.environ.items() if not k.startswith("FPN_")}
-        environment.update(env)
+        environment.update({"FPN_GRPC_PORT": "0", "FPN_DRAIN_SECONDS": "0", **env})
         script = Path(sys.executable).parent / "fpn-serve"
         command = [str(script)] if script.exists() else [sys.executable, "-m", "service"]
         if source is not None:

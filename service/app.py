@@ -3,9 +3,15 @@
 Nothing heavy happens at import time or in the factory. The lifespan loads every checkpoint
 (failing start-up with a message that names the file when one cannot be loaded), starts one
 batcher per model, then warms the models in the background: ``/healthz`` answers at once,
-``/readyz`` and predictions answer 503 until every model is warm. On shutdown (after uvicorn has
-stopped accepting connections and drained the open ones) the service stops taking requests,
-solves what is still queued and releases the models.
+``/readyz`` and predictions answer 503 until every model is warm. The gRPC listener
+(``FPN_GRPC_PORT``) starts with the models and stops with them, in the same event loop.
+
+Draining (SIGTERM, driven by ``fpn-serve``): :meth:`Drain.begin` turns readiness (``/readyz``, V2
+readiness over HTTP and gRPC) false at once and makes every response carry
+``Connection: close``, while the listeners stay open; the CLI then closes them. On shutdown
+(after uvicorn has stopped accepting connections and drained the open ones) gRPC gets its
+graceful stop, the service stops taking requests, solves what is still queued and releases the
+models.
 """
 
 from __future__ import annotations
@@ -20,12 +26,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__, routes_v1, routes_v2
 from .errors import InternalError, InvalidParameter, MethodNotAllowed, NotFound, ServiceError
+from .grpc_server import GrpcServer
 from .handlers import Handler
 from .metrics import Metrics
-from .routes_common import json_response
+from .routes_common import CLIENT_CLOSED, json_response
 from .runtime import ModelRegistry
 from .schemas import PredictRequest, V2InferenceRequest
 from .settings import Settings
@@ -33,17 +42,78 @@ from .settings import Settings
 log = logging.getLogger("fpn_serve")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the service for ``settings`` (default: from ``FPN_*`` environment variables)."""
+class Drain:
+    """The app's shutdown state, shared by HTTP (middleware, readiness) and gRPC."""
+
+    def __init__(self, handler: Handler, grace_seconds: float) -> None:
+        self.handler = handler
+        self.grace_seconds = grace_seconds
+        self.grpc: GrpcServer | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self.handler.draining
+
+    def begin(self) -> None:
+        """Readiness false, ``Connection: close`` on every response; listeners stay open."""
+        if not self.handler.draining:
+            self.handler.draining = True
+            log.info("draining: not ready; closing each connection after its response")
+
+    async def close_listeners(self) -> None:
+        """Stop gRPC gracefully (in-flight calls get ``grace_seconds``); HTTP's listener is
+        uvicorn's to close."""
+        if self.grpc is not None:
+            await self.grpc.stop(self.grace_seconds)
+
+
+class ConnectionCloseWhileDraining:
+    """ASGI middleware: while draining, every HTTP response carries ``Connection: close``, so a
+    keep-alive client opens its next request elsewhere instead of racing the listener's close."""
+
+    def __init__(self, app: ASGIApp, drain: Drain) -> None:
+        self.app = app
+        self.drain = drain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and self.drain.draining:
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing_send)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    http_host: str = "127.0.0.1",
+    grace_seconds: float = 30.0,
+) -> FastAPI:
+    """Build the service for ``settings`` (default: from ``FPN_*`` environment variables).
+
+    ``http_host``: the HTTP server's interface, where gRPC listens too unless ``FPN_GRPC_HOST``
+    says otherwise; ``grace_seconds``: how long in-flight gRPC calls may take on shutdown.
+    """
     settings = settings or Settings()
     metrics = Metrics()
     registry = ModelRegistry(settings, metrics)
     handler = Handler(settings, registry)
+    drain = Drain(handler, grace_seconds)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             await registry.load_all()
+            if settings.grpc_port:
+                host = settings.grpc_host or http_host
+                drain.grpc = GrpcServer(handler, metrics, host, settings.grpc_port)
+                await drain.grpc.start()
         except Exception as exc:
             log.error("fpn-serve cannot start: %s", exc)
             await registry.close()
@@ -52,6 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            drain.begin()
+            await drain.close_listeners()
             registry.closing = True
             if not warming.done():
                 warming.cancel()
@@ -69,6 +141,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.registry = registry
     app.state.handler = handler
+    app.state.drain = drain
+    app.add_middleware(ConnectionCloseWhileDraining, drain=drain)
     app.include_router(routes_v1.router)
     app.include_router(routes_v2.router)
     _install_error_handlers(app)
@@ -76,8 +150,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _error_response(error: ServiceError) -> Response:
-    return json_response(error.body(), error.status, error.headers or None)
+def _error_response(error: ServiceError, headers: dict[str, str] | None = None) -> Response:
+    return json_response(error.body(), error.status, {**error.headers, **(headers or {})} or None)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -97,15 +171,37 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             error = NotFound(f"no route {request.method} {request.url.path}; see /docs")
         elif exc.status_code == 405:
-            error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+            allow = _allowed_methods(request) or (exc.headers or {}).get("Allow", "")
+            error = MethodNotAllowed(
+                f"{request.method} is not allowed on {request.url.path}; allowed: {allow}"
+            )
+            return _error_response(error, {"Allow": allow})
         else:
             error = ServiceError(str(exc.detail), status=exc.status_code, code="http_error")
         return _error_response(error)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=CLIENT_CLOSED)  # nobody is there to read it
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return _error_response(InternalError("internal error; see the server log"))
+
+
+def _allowed_methods(request: Request) -> str:
+    """The methods the routes matching ``request``'s path accept (for a 405's ``Allow``)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
 
 
 def _install_openapi(app: FastAPI) -> None:

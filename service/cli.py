@@ -1,20 +1,68 @@
-"""``fpn-serve``: run the service with uvicorn, one worker per process.
+"""``fpn-serve``: run the service with uvicorn, one worker per process, HTTP and gRPC in one
+event loop.
 
 One process serves one device and owns its metrics registry; scale out by running more
 replicas (containers, pods), not more workers, so every ``/metrics`` scrape is the whole truth
 of one process.
+
+SIGTERM (or Ctrl+C) drains before stopping (SPEC §9): readiness turns false at once, responses
+carry ``Connection: close``, and both listeners stay open for ``FPN_DRAIN_SECONDS`` so that no
+keep-alive request races a closing listener; then they close, and everything accepted is
+answered (up to ``FPN_GRACEFUL_TIMEOUT``). A second signal stops without waiting for the drain.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from pathlib import Path
+from types import FrameType
 
 import typer
 import uvicorn
 from pydantic import ValidationError
 
-app = typer.Typer(add_completion=False, help="Serve fixed point network checkpoints over HTTP.")
+log = logging.getLogger("fpn_serve")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain between the first SIGTERM/SIGINT and the listeners' close."""
+
+    def __init__(self, config: uvicorn.Config, drain_seconds: float) -> None:
+        super().__init__(config)
+        self.drain_seconds = drain_seconds
+        self._drain_started: float | None = None
+        self._drain_logged = False
+        self._closing_listeners: asyncio.Future[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        drain = getattr(self.config.app, "state", None) and self.config.app.state.drain
+        if self._drain_started is None and self.drain_seconds > 0 and self.started and drain:
+            # In a signal handler: only flip flags here; on_tick (every 0.1 s) does the rest.
+            self._captured_signals.append(sig)  # re-raised once shut down, as uvicorn does
+            self._drain_started = time.monotonic()
+            drain.begin()
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_started is not None and not self.should_exit:
+            if not self._drain_logged:
+                self._drain_logged = True
+                log.info("draining for %g s before closing the listeners", self.drain_seconds)
+            if time.monotonic() - self._drain_started >= self.drain_seconds:
+                self.should_exit = True
+                # gRPC stops taking calls together with HTTP (in-flight ones finish).
+                drain = self.config.app.state.drain
+                self._closing_listeners = asyncio.ensure_future(drain.close_listeners())
+        return await super().on_tick(counter)
+
+
+app = typer.Typer(
+    add_completion=False,
+    help="Serve fixed point network checkpoints over HTTP and gRPC (Open Inference Protocol).",
+)
 
 
 @app.command()
@@ -51,7 +99,7 @@ def serve(
         typer.echo(f"fpn-serve: invalid settings:\n{exc}", err=True)
         raise typer.Exit(2) from None
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, http_host=host, grace_seconds=graceful_timeout),
         host=host,
         port=port,
         workers=1,
@@ -63,7 +111,7 @@ def serve(
         timeout_graceful_shutdown=graceful_timeout,
         server_header=False,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, settings.drain_seconds)
     server.run()
     if not server.started:
         raise typer.Exit(3)

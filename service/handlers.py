@@ -1,34 +1,34 @@
-"""The request logic behind both protocols, free of HTTP framework types.
+"""The request logic behind every protocol, free of HTTP and gRPC framework types.
 
-Routes (``routes_v1``, ``routes_v2``) read bytes and headers and call a :class:`Handler` method;
-the handler decodes and checks the request, queues its samples on the model's batcher, waits
-for them and returns plain data. Every client mistake is raised as a
-:class:`~service.errors.ServiceError`, before anything is queued, so a bad request never
-reaches, and so never disturbs, a batch.
+Routes (``routes_v1``, ``routes_v2``) and the gRPC servicer (``grpc_server``) read bytes,
+headers or messages and call a :class:`Handler` method; the handler decodes and checks the
+request (``codecs``), queues its samples on the model's scheduler, waits for them and returns
+plain data. Every client mistake is raised as a :class:`~service.errors.ServiceError`, before
+anything is queued, so a bad request never reaches, and so never disturbs, a batch. A request
+whose caller goes away (an HTTP disconnect, a cancelled gRPC call) is cancelled: its future is
+cancelled, so the scheduler drops its samples, and it is counted in
+``fpn_requests_cancelled_total``.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
+import asyncio
 import hmac
-import io
+import logging
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
-from pydantic import BaseModel, ValidationError
 
-from . import __version__, jsonio
-from .backends import UnsupportedModel
+from . import __version__, codecs
+from .backends import ModelInfo, UnsupportedModel
 from .batcher import ItemResult, WorkItem
+from .codecs import TensorSpec
 from .errors import (
     BatchTooLarge,
     InvalidInput,
-    InvalidJSON,
     InvalidParameter,
     NotFound,
     NotReady,
@@ -39,20 +39,11 @@ from .runtime import ModelRegistry, ModelRuntime, StartupError
 from .schemas import PredictRequest, V2InferenceRequest, V2Parameters
 from .settings import Settings
 
-MAX_IMAGE_PIXELS = 4096 * 4096
-IMAGE_FORMATS = ("PNG", "JPEG")
+log = logging.getLogger("fpn_serve")
 
-# V2 datatypes of our outputs, and numpy <-> V2 for extras and binary tensors.
-V2_DTYPES = {
-    np.dtype(np.float32): "FP32",
-    np.dtype(np.float64): "FP64",
-    np.dtype(np.int64): "INT64",
-    np.dtype(np.int32): "INT32",
-    np.dtype(np.uint8): "UINT8",
-    np.dtype(np.bool_): "BOOL",
-}
-V2_INPUT_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype(np.uint8)}
-CORE_OUTPUTS = ("probabilities", "label", "iterations", "residual", "converged")
+
+class Cancelled(Exception):
+    """The caller went away before its answer was ready; nothing is sent back."""
 
 
 @dataclass(frozen=True)
@@ -78,12 +69,15 @@ class Handler:
 
     def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
         self.settings = settings
+        self.limits = settings.limits
         self.registry = registry
+        self.draining = False  # set on SIGTERM: readiness turns false, requests still served
 
     # --- health and metadata ------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self.registry.ready
+        """Every model loaded and warm, and the process not draining before shutdown."""
+        return self.registry.ready and not self.draining
 
     def readiness(self) -> dict[str, Any]:
         models = {
@@ -111,13 +105,7 @@ class Handler:
                 "max_iter": info.config.solver.max_iter,
             },
             "solvers": list(info.solvers),
-            "limits": {
-                "min_tol": self.settings.min_tol,
-                "max_tol": 1.0,
-                "max_iter_limit": self.settings.max_iter_limit,
-                "max_batch_size": self.settings.max_batch_size,
-                "max_body_bytes": self.settings.max_body_bytes,
-            },
+            "limits": self.limits.as_dict(),
             "training": info.training,
             "metrics": info.metrics,
             "extra_outputs": sorted(runtime.extra_outputs),
@@ -135,7 +123,7 @@ class Handler:
             "ready": runtime.ready,
         }
 
-    def _info(self, runtime: ModelRuntime):
+    def _info(self, runtime: ModelRuntime) -> ModelInfo:
         if runtime.info is None:
             raise NotReady(f"model {runtime.name!r} is still loading")
         return runtime.info
@@ -152,54 +140,44 @@ class Handler:
     async def predict(self, name: str, body: bytes, received: float) -> Reply:
         runtime = self._serving(name)
         info = runtime.info
-        request = _validate(PredictRequest, _parse_json(body))
+        request = codecs.validate(PredictRequest, codecs.parse_json(body))
         if (request.inputs is None) == (request.images is None):
             raise InvalidInput("give exactly one of 'inputs' (raw [0, 1] arrays) and 'images'")
         if request.inputs is not None:
-            x = decode_array(request.inputs, info.config.input.shape, what="inputs")
+            x = codecs.decode_array(request.inputs, info.config.input.shape, what="inputs")
         else:
-            x = decode_images(request.images, info.config.input.shape)
+            x = codecs.decode_images(request.images, info.config.input.shape)
         knobs = self._knobs(runtime, request.tol, request.max_iter, request.solver,
                             request.deadline_ms)  # fmt: skip
         result = await self._solve(runtime, x, knobs, received)
         classes = info.config.classes
         top_k = min(request.top_k, len(classes)) if request.top_k else 0
-        predictions = _predictions(result, classes, top_k, request.return_probabilities)
+        predictions = codecs.predictions(result, classes, top_k, request.return_probabilities)
         return Reply(
             {
                 "model": name,
                 "predictions": predictions,
                 "solver": {"method": knobs.solver, "tol": knobs.tol, "max_iter": knobs.max_iter},
                 "batch": {"id": result.batch_id, "size": result.batch_size},
-                "timing_ms": _timing(result, received),
+                "timing_ms": codecs.timing(result, received),
             }
         )
 
-    # --- Open Inference Protocol (V2) ---------------------------------------------------------
+    # --- Open Inference Protocol (V2), shared by HTTP and gRPC --------------------------------
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "fpn-serve", "version": __version__, "extensions": ["binary_tensor_data"]}
 
     def v2_model_metadata(self, name: str) -> dict[str, Any]:
         runtime = self.registry.get(name)
         info = self._info(runtime)
-        shape, classes = list(info.config.input.shape), len(info.config.classes)
-        outputs = [
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, classes]},
-            {"name": "label", "datatype": "INT64", "shape": [-1]},
-            {"name": "iterations", "datatype": "INT32", "shape": [-1]},
-            {"name": "residual", "datatype": "FP32", "shape": [-1]},
-            {"name": "converged", "datatype": "BOOL", "shape": [-1]},
-        ]
-        outputs += [
-            {"name": k, "datatype": V2_DTYPES.get(dtype, "FP32"), "shape": [-1, *rest]}
-            for k, (dtype, rest) in sorted(runtime.extra_outputs.items())
-        ]
         return {
             "name": name,
             "versions": [],
             "platform": f"fpn-serve/{self.settings.backend}",
-            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *shape]}],
-            "outputs": outputs,
+            "inputs": [
+                {"name": "input", "datatype": "FP32", "shape": [-1, *info.config.input.shape]}
+            ],
+            "outputs": [spec.as_dict() for spec in self.output_schema(runtime)],
             "parameters": {
                 "family": info.config.family,
                 "classes": list(info.config.classes),
@@ -209,56 +187,93 @@ class Handler:
             },
         }
 
+    def output_schema(self, runtime: ModelRuntime) -> list[TensorSpec]:
+        """The model's V2 outputs (core outputs, then the family's extras seen at warm-up)."""
+        info = self._info(runtime)
+        return codecs.v2_output_schema(len(info.config.classes), runtime.extra_outputs)
+
     def v2_model_ready(self, name: str) -> dict[str, Any]:
+        """Ready when the model serves and the process is not draining (404 unknown, else 503)."""
         self._serving(name)
+        if self.draining:
+            raise NotReady(f"model {name!r} is not ready (draining before shutdown)")
         return {"name": name, "ready": True}
 
     async def infer(
         self, name: str, body: bytes, received: float, header_length: str | None = None
     ) -> Reply:
+        """V2 over HTTP: JSON tensors, or the binary tensor data extension."""
         runtime = self._serving(name)
-        info = runtime.info
-        json_part, binary = _split_binary(body, header_length)
-        request = _validate(V2InferenceRequest, _parse_json(json_part))
+        json_part, binary = codecs.split_binary(body, header_length)
+        request = codecs.validate(V2InferenceRequest, codecs.parse_json(json_part))
         if len(request.inputs) != 1:
             raise InvalidInput(f"model {name!r} takes one input tensor, got {len(request.inputs)}")
-        x = decode_v2_input(request.inputs[0], binary, info.config.input)
+        x = codecs.decode_v2_json_input(request.inputs[0], binary, runtime.info.config.input)
         params = request.parameters or V2Parameters()
-        knobs = self._knobs(runtime, params.tol, params.max_iter, params.solver, params.deadline_ms)
-        wanted = _wanted_outputs(request, runtime, params.binary_data_output)
-        result = await self._solve(runtime, x, knobs, received)
-        if wanted is None:  # everything: the five outputs and whatever extras the family gave
-            names = [*CORE_OUTPUTS, *sorted(result.extras)]
-            wanted = [(n, params.binary_data_output) for n in names]
-        outputs, chunks = [], []
-        for output_name, as_binary in wanted:
-            array = _v2_output(result, output_name)
-            entry: dict[str, Any] = {
-                "name": output_name,
-                "datatype": V2_DTYPES[array.dtype],
-                "shape": list(array.shape),
+        binary_default = params.binary_data_output
+        requested = None
+        if request.outputs is not None:
+            requested = [o.name for o in request.outputs]
+            as_binary = {
+                o.name: bool((o.parameters or {}).get("binary_data", binary_default))
+                for o in request.outputs
             }
-            if as_binary:
-                raw = np.ascontiguousarray(array).tobytes()
-                entry["parameters"] = {"binary_data_size": len(raw)}
-                chunks.append(raw)
-            else:
-                entry["data"] = array.ravel().tolist()
-            outputs.append(entry)
+        outputs, knobs, result = await self.infer_tensors(runtime, x, params, requested, received)
+        entries, chunks = codecs.encode_v2_json_outputs(
+            [
+                (spec, array, as_binary[spec.name] if requested else binary_default)
+                for spec, array in outputs
+            ]
+        )
         reply: dict[str, Any] = {"model_name": name}
         if request.id is not None:
             reply["id"] = request.id
-        timing = _timing(result, received)
-        reply["parameters"] = {
+        reply["parameters"] = self.v2_reply_parameters(knobs, result, received)
+        reply["outputs"] = entries
+        return Reply(reply, chunks)
+
+    async def infer_tensors(
+        self,
+        runtime: ModelRuntime,
+        x: np.ndarray,
+        params: V2Parameters,
+        requested: list[str] | None,
+        received: float,
+        *,
+        deadline_ms: float | None = None,
+    ) -> tuple[list[tuple[TensorSpec, np.ndarray]], Knobs, ItemResult]:
+        """Solve ``x`` for a V2 request (either protocol); return its outputs as (spec, array),
+        every one in the schema's order when ``requested`` is None. ``deadline_ms``: the
+        transport's own deadline (a gRPC deadline), combined with the parameter's."""
+        wanted = None if requested is None else codecs.select_outputs(
+            self.output_schema(runtime), requested
+        )  # fmt: skip
+        budget = params.deadline_ms
+        if deadline_ms is not None:
+            budget = deadline_ms if budget is None else min(budget, deadline_ms)
+        knobs = self._knobs(runtime, params.tol, params.max_iter, params.solver, budget)
+        result = await self._solve(runtime, x, knobs, received)
+        if wanted is None:  # everything: the core outputs and whatever extras the family gave
+            extras = {k: (np.asarray(v).dtype, np.shape(v)[1:]) for k, v in result.extras.items()}
+            wanted = codecs.v2_output_schema(len(runtime.info.config.classes), extras)
+        return [(spec, codecs.v2_output(result, spec)) for spec in wanted], knobs, result
+
+    def v2_reply_parameters(
+        self, knobs: Knobs, result: ItemResult, received: float
+    ) -> dict[str, Any]:
+        """The response ``parameters`` of a V2 answer: the solver that ran, batch and timing."""
+        return {
             "solver": knobs.solver,
             "tol": knobs.tol,
             "max_iter": knobs.max_iter,
             "batch_id": result.batch_id,
             "batch_size": result.batch_size,
-            **{f"{k}_ms": v for k, v in timing.items()},
+            **{f"{k}_ms": v for k, v in codecs.timing(result, received).items()},
         }
-        reply["outputs"] = outputs
-        return Reply(reply, chunks)
+
+    def serving(self, name: str) -> ModelRuntime:
+        """The runtime serving ``name``: 404 when unknown, 503 until it is ready."""
+        return self._serving(name)
 
     # --- admin --------------------------------------------------------------------------------
     async def reload(self, name: str, authorization: str | None) -> Reply:
@@ -287,6 +302,13 @@ class Handler:
             }
         )
 
+    # --- cancellation -------------------------------------------------------------------------
+    def cancelled(self, name: str, endpoint: str, why: str) -> None:
+        """Count a request whose caller went away (one log line, no traceback)."""
+        model = self.model_label(name) or ""
+        self.registry.metrics.requests_cancelled.labels(model, endpoint).inc()
+        log.info("request cancelled on %s (%s): %s", endpoint, model or "unknown model", why)
+
     # --- shared -------------------------------------------------------------------------------
     def _knobs(
         self,
@@ -296,16 +318,13 @@ class Handler:
         solver: str | None,
         deadline_ms: float | None,
     ) -> Knobs:
-        defaults, s = runtime.info.config.solver, self.settings
+        defaults, limits = runtime.info.config.solver, self.limits
         tol = defaults.tol if tol is None else float(tol)
         max_iter = defaults.max_iter if max_iter is None else int(max_iter)
         solver = runtime.info.default_solver if solver is None else solver
-        if not s.min_tol <= tol <= 1.0:
-            raise InvalidParameter(f"tol {tol:g} is outside [{s.min_tol:g}, 1] (FPN_MIN_TOL)")
-        if not 1 <= max_iter <= s.max_iter_limit:
-            raise InvalidParameter(
-                f"max_iter {max_iter} is outside [1, {s.max_iter_limit}] (FPN_MAX_ITER_LIMIT)"
-            )
+        for problem in (limits.tol_problem(tol), limits.max_iter_problem(max_iter)):
+            if problem is not None:
+                raise InvalidParameter(problem)
         if solver not in runtime.info.solvers:
             raise InvalidParameter(
                 f"unknown solver {solver!r}; available: {list(runtime.info.solvers)}"
@@ -317,229 +336,16 @@ class Handler:
     async def _solve(
         self, runtime: ModelRuntime, x: np.ndarray, knobs: Knobs, received: float
     ) -> ItemResult:
-        if x.shape[0] > self.settings.max_batch_size:
-            raise BatchTooLarge(
-                f"{x.shape[0]} samples in one request; at most {self.settings.max_batch_size} "
-                "(FPN_MAX_BATCH_SIZE): split the request"
-            )
+        problem = self.limits.batch_problem(x.shape[0])
+        if problem is not None:
+            raise BatchTooLarge(problem)
         deadline = None if knobs.deadline_ms is None else received + knobs.deadline_ms / 1000.0
         item = WorkItem(x, knobs.tol, knobs.max_iter, knobs.solver, deadline)
-        return await runtime.scheduler.submit(item)
-
-
-# --- decoding -----------------------------------------------------------------------------------
-def _parse_json(body: bytes) -> Any:
-    if not body:
-        raise InvalidJSON("empty request body: send a JSON object")
-    try:
-        document = jsonio.loads(body)
-    except (jsonio.JSONDecodeError, ValueError, UnicodeDecodeError) as exc:
-        raise InvalidJSON(f"request body is not valid JSON ({exc})") from None
-    if not isinstance(document, dict):
-        raise InvalidJSON("request body must be a JSON object")
-    return document
-
-
-def _validate(model: type[BaseModel], document: dict[str, Any]):
-    try:
-        return model.model_validate(document)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
-        )
-        raise InvalidParameter(f"invalid request: {problems}") from None
-
-
-def decode_array(raw: Any, shape: tuple[int, ...], *, what: str) -> np.ndarray:
-    """A JSON array of raw intensities -> (N, *shape) float32, checked.
-
-    Accepted layouts: (N, *shape), (N, H, W) for one-channel images, (N, prod(shape)).
-    """
-    try:
-        array = np.asarray(raw)
-    except (ValueError, TypeError):
-        raise InvalidInput(f"{what} must be a rectangular (not ragged) array of numbers") from None
-    if array.dtype.kind not in "fiu":
-        raise InvalidInput(f"{what} must hold numbers only (found {_kind(array)})")
-    return check_intensities(array.astype(np.float32, copy=False), shape, what=what)
-
-
-def check_intensities(array: np.ndarray, shape: tuple[int, ...], *, what: str) -> np.ndarray:
-    """Reshape to (N, *shape) and check finiteness and the [0, 1] range."""
-    n = array.shape[0] if array.ndim else 0
-    numel = math.prod(shape)
-    layouts = [(n, *shape), (n, numel)]
-    if len(shape) == 3 and shape[0] == 1:
-        layouts.append((n, *shape[1:]))
-    if array.ndim < 2 or n == 0 or array.shape not in layouts:
-        expected = " or ".join(str(list(("N", *s[1:]))).replace("'", "") for s in layouts)
-        raise InvalidInput(f"{what} has shape {list(array.shape)}; expected {expected} (N >= 1)")
-    if not np.isfinite(array).all():
-        raise InvalidInput(f"{what} contains NaN or Inf")
-    if array.min() < 0.0 or array.max() > 1.0:
-        raise InvalidInput(
-            f"{what} must be raw intensities in [0, 1] (found values in "
-            f"[{array.min():g}, {array.max():g}]); the service normalises them"
-        )
-    return np.ascontiguousarray(array.reshape(n, *shape))
-
-
-def _kind(array: np.ndarray) -> str:
-    return {"b": "booleans", "U": "strings", "O": "nulls or mixed values"}.get(
-        array.dtype.kind, str(array.dtype)
-    )
-
-
-def decode_images(images: list[str], shape: tuple[int, ...]) -> np.ndarray:
-    """Base64 PNG/JPEG -> (N, *shape) float32 in [0, 1]: converted to the model's channels
-    (L or RGB) and resized (bilinear) to its height and width. Colours are not inverted."""
-    if len(shape) != 3 or shape[0] not in (1, 3):
-        raise InvalidInput(f"this model takes inputs of shape {list(shape)}, not images")
-    if not images:
-        raise InvalidInput("images is empty")
-    channels, height, width = shape
-    out = np.empty((len(images), *shape), dtype=np.float32)
-    for i, text in enumerate(images):
-        if text.startswith("data:"):
-            text = text.partition(",")[2]
+        future = runtime.scheduler.submit(item)
         try:
-            raw = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidInput(f"images[{i}] is not valid base64") from None
-        try:
-            with Image.open(io.BytesIO(raw)) as image:
-                if image.format not in IMAGE_FORMATS:
-                    raise InvalidInput(f"images[{i}] is {image.format}; send PNG or JPEG")
-                if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise InvalidInput(f"images[{i}] is {image.width}x{image.height}; too large")
-                image = image.convert("L" if channels == 1 else "RGB")
-                if image.size != (width, height):
-                    image = image.resize((width, height), Image.Resampling.BILINEAR)
-                pixels = np.asarray(image, dtype=np.float32) / 255.0
-        except InvalidInput:
+            return await future
+        except asyncio.CancelledError:
+            # The caller went away: the scheduler drops a cancelled item (from the queue, and
+            # from the running solve at its next iteration).
+            future.cancel()
             raise
-        except Exception as exc:  # PIL raises many types for broken files
-            raise InvalidInput(f"images[{i}] cannot be decoded as PNG or JPEG ({exc})") from None
-        out[i] = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
-    return out
-
-
-def _split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
-    """V2 binary tensor extension: the JSON header comes first, its length in a header."""
-    if header_length is None:
-        return body, b""
-    try:
-        n = int(header_length)
-    except ValueError:
-        raise InvalidInput("Inference-Header-Content-Length must be an integer") from None
-    if not 0 < n <= len(body):
-        raise InvalidInput(f"Inference-Header-Content-Length {n} does not fit the body")
-    return body[:n], body[n:]
-
-
-def decode_v2_input(tensor, binary: bytes, spec) -> np.ndarray:
-    """One V2 input tensor (FP32 raw intensities or UINT8 pixels) -> (N, *shape) float32."""
-    dtype = V2_INPUT_DTYPES.get(tensor.datatype.upper())
-    if dtype is None:
-        raise InvalidInput(f"datatype {tensor.datatype!r} is not supported; send FP32 or UINT8")
-    shape = tensor.shape
-    if not shape or any(d < 0 for d in shape):
-        raise InvalidInput(f"shape {shape} must be a list of non-negative sizes")
-    count = math.prod(shape)
-    size = (tensor.parameters or {}).get("binary_data_size")
-    if size is not None:
-        if size != len(binary) or size != count * dtype.itemsize:
-            raise InvalidInput(
-                f"binary_data_size {size} does not match shape {shape} x {tensor.datatype} "
-                f"or the {len(binary)} bytes sent"
-            )
-        array = np.frombuffer(binary, dtype=dtype)
-    else:
-        if tensor.data is None:
-            raise InvalidInput(f"input {tensor.name!r} has no data")
-        try:
-            array = np.asarray(tensor.data)
-        except (ValueError, TypeError):
-            raise InvalidInput("data must be a flat or nested (rectangular) array") from None
-        if array.dtype.kind not in "fiu":
-            raise InvalidInput(f"data must hold numbers only (found {_kind(array)})")
-        if dtype == np.uint8:
-            if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
-                raise InvalidInput("UINT8 data must be integers in [0, 255]")
-            if array.size and (array.min() < 0 or array.max() > 255):
-                raise InvalidInput("UINT8 data must be integers in [0, 255]")
-    if array.size != count:
-        raise InvalidInput(f"data has {array.size} values; shape {shape} needs {count}")
-    array = array.reshape(shape)
-    if dtype == np.uint8:
-        array = array.astype(np.float32) * np.float32(spec.scale)
-    return check_intensities(array.astype(np.float32, copy=False), spec.shape, what="input")
-
-
-def _wanted_outputs(
-    request, runtime: ModelRuntime, binary_default: bool
-) -> list[tuple[str, bool]] | None:
-    """(name, binary) of each requested output, checked before solving; None: all of them."""
-    if request.outputs is None:
-        return None
-    available = [*CORE_OUTPUTS, *sorted(runtime.extra_outputs)]
-    wanted = []
-    for output in request.outputs:
-        if output.name not in available:
-            raise InvalidParameter(f"unknown output {output.name!r}; available: {available}")
-        flag = (output.parameters or {}).get("binary_data", binary_default)
-        wanted.append((output.name, bool(flag)))
-    return wanted
-
-
-# --- encoding -----------------------------------------------------------------------------------
-def _v2_output(result: ItemResult, name: str) -> np.ndarray:
-    if name == "probabilities":
-        return result.probabilities.astype(np.float32, copy=False)
-    if name == "label":
-        return result.probabilities.argmax(axis=1).astype(np.int64)
-    if name == "iterations":
-        return result.iterations.astype(np.int32)
-    if name == "residual":
-        return result.residual.astype(np.float32, copy=False)
-    if name == "converged":
-        return result.converged.astype(np.bool_, copy=False)
-    array = np.asarray(result.extras[name])
-    return array if array.dtype in V2_DTYPES else array.astype(np.float32)
-
-
-def _predictions(
-    result: ItemResult, classes: tuple[str, ...], top_k: int, probabilities: bool
-) -> list[dict[str, Any]]:
-    probs = result.probabilities
-    labels = probs.argmax(axis=1)
-    scores = probs[np.arange(len(labels)), labels].tolist()
-    iterations = result.iterations.tolist()
-    residuals = [r if math.isfinite(r) else None for r in result.residual.tolist()]
-    converged = result.converged.tolist()
-    extras = {k: np.asarray(v).tolist() for k, v in result.extras.items()}
-    out = []
-    for i, label in enumerate(labels.tolist()):
-        p: dict[str, Any] = {"label": label, "class": classes[label], "score": scores[i]}
-        if top_k:
-            order = np.argsort(-probs[i], kind="stable")[:top_k].tolist()
-            p["top_k"] = [
-                {"label": j, "class": classes[j], "score": float(probs[i, j])} for j in order
-            ]
-        if probabilities:
-            p["probabilities"] = probs[i].tolist()
-        p["iterations"] = iterations[i]
-        p["residual"] = residuals[i]
-        p["converged"] = converged[i]
-        for key, values in extras.items():
-            p[key if key not in p else f"extra_{key}"] = values[i]
-        out.append(p)
-    return out
-
-
-def _timing(result: ItemResult, received: float) -> dict[str, float]:
-    return {
-        "queue": round(result.queue_seconds * 1e3, 3),
-        "solve": round(result.solve_seconds * 1e3, 3),
-        "total": round((time.perf_counter() - received) * 1e3, 3),
-    }

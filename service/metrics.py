@@ -15,10 +15,22 @@ import math
 
 import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
-ENDPOINTS = ("predict", "infer", "reload")
-"""Values of the ``endpoint`` label: v1 predict, V2 infer, admin reload."""
+# SPEC §8: no ``_created`` series (nobody reads them; they double the counters' series).
+disable_created_metrics()
+
+ENDPOINTS = ("predict", "infer", "grpc_infer", "reload")
+"""Values of the ``endpoint`` label: v1 predict, V2 infer over HTTP and over gRPC, admin
+reload. gRPC requests are counted with the HTTP status of their outcome (200, 404, 422, 503...),
+so one ``code`` label means the same thing for both protocols."""
 
 UNKNOWN_MODEL = ""
 """``model`` label of a request whose model does not exist (never the requested name)."""
@@ -87,6 +99,11 @@ class Metrics:
         )  # fmt: skip
         self.queue_depth = Gauge(
             "fpn_queue_depth", "Samples waiting in the model's queue.", ("model",), registry=r,
+        )  # fmt: skip
+        self.requests_cancelled = Counter(
+            "fpn_requests_cancelled_total",
+            "Requests cancelled by their client (HTTP disconnect, gRPC cancel): not answered.",
+            ("model", "endpoint"), registry=r,
         )  # fmt: skip
         self.model_info = Gauge(
             "fpn_model_info", "A loaded model (value 1).",

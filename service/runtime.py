@@ -107,15 +107,9 @@ class ModelRuntime:
         return backend, info
 
     def _check_limits(self, info: ModelInfo) -> None:
-        solver, s = info.config.solver, self.settings
-        problems = []
-        if not s.min_tol <= solver.tol <= 1.0:
-            problems.append(f"default tol {solver.tol:g} is outside [FPN_MIN_TOL={s.min_tol:g}, 1]")
-        if not 1 <= solver.max_iter <= s.max_iter_limit:
-            problems.append(
-                f"default max_iter {solver.max_iter} is outside "
-                f"[1, FPN_MAX_ITER_LIMIT={s.max_iter_limit}]"
-            )
+        solver, limits = info.config.solver, self.settings.limits
+        checks = (limits.tol_problem(solver.tol), limits.max_iter_problem(solver.max_iter))
+        problems = [f"default {problem}" for problem in checks if problem is not None]
         if info.default_solver not in info.solvers:
             problems.append(
                 f"default solver {info.default_solver!r} is not one of {list(info.solvers)}"

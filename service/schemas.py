@@ -21,6 +21,16 @@ class _Strict(BaseModel):
 class PredictRequest(_Strict):
     """``POST /v1/models/{name}/predict``. Exactly one of ``inputs`` and ``images``."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["inputs"], "properties": {"inputs": {"type": "array"}}},
+                {"required": ["images"], "properties": {"images": {"type": "array"}}},
+            ]
+        },
+    )
+
     inputs: list[Any] | None = Field(
         None,
         description="Raw intensities in [0, 1]: [N, C, H, W], [N, H, W] (one channel) or [N, D].",
@@ -89,6 +99,54 @@ class ErrorResponse(BaseModel):
     message: str
 
 
+class Status(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    models: dict[str, str] = Field(description="model name -> ready, loading or its error")
+
+
+class NotReadyResponse(Readiness):
+    error: str
+    message: str
+
+
+class ModelSummary(BaseModel):
+    name: str
+    family: str | None
+    device: str | None
+    backend: str
+    input_shape: list[int] | None
+    classes: list[str] | None
+    ready: bool
+
+
+class ModelList(BaseModel):
+    models: list[ModelSummary]
+
+
+class ModelMetadata(ModelSummary):
+    model_config = ConfigDict(extra="allow")
+
+    config: dict[str, Any]
+    solver_defaults: dict[str, Any]
+    solvers: list[str]
+    limits: dict[str, float]
+    training: dict[str, Any] | None
+    metrics: dict[str, Any] | None
+    extra_outputs: list[str]
+
+
+class ReloadResponse(BaseModel):
+    model: str
+    reloaded: bool
+    family: str
+    metrics: dict[str, Any] | None
+    seconds: float
+
+
 # --- Open Inference Protocol (V2) ----------------------------------------------------------------
 class V2Parameters(BaseModel):
     """Request ``parameters``; other keys (e.g. ``binary_data_output``) are accepted."""
@@ -105,7 +163,10 @@ class V2Parameters(BaseModel):
 class V2RequestInput(BaseModel):
     name: str
     shape: list[int]
-    datatype: str
+    datatype: str = Field(
+        description="FP32 (raw intensities in [0, 1]) or UINT8 (pixels)",
+        json_schema_extra={"enum": ["FP32", "UINT8"]},
+    )
     parameters: dict[str, Any] | None = None
     data: Any = None
 
@@ -149,3 +210,17 @@ class V2ModelMetadata(BaseModel):
     platform: str
     inputs: list[V2TensorMetadata]
     outputs: list[V2TensorMetadata]
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2Live(BaseModel):
+    live: bool
+
+
+class V2Ready(BaseModel):
+    ready: bool

@@ -10,6 +10,7 @@ settings are built, so a nonsensical deployment fails at start-up, not on the fi
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -71,9 +72,32 @@ class Settings(BaseSettings):
     """CPU threads one solve may use (torch intra-op threads). Unset: every core but one, so the
     event loop keeps a core for HTTP and JSON (at least 1)."""
 
+    grpc_port: int = Field(8001, ge=0, le=65535)
+    """TCP port of the Open Inference Protocol over gRPC (``inference.GRPCInferenceService``),
+    served by the same process as HTTP; 0 turns gRPC off."""
+
+    grpc_host: str | None = None
+    """Interface gRPC listens on; unset: the HTTP server's (``fpn-serve --host``)."""
+
+    drain_seconds: float = Field(5.0, ge=0.0, le=3600.0)
+    """After SIGTERM: how long ``/readyz`` and V2 readiness answer not-ready and responses carry
+    ``Connection: close`` while the listeners stay open, before they close and what was
+    accepted is finished."""
+
     warmup: bool = True
     """Run a few solves per model (batch 1 and ``max_batch_size``, every solver) before
     reporting ready."""
+
+    @property
+    def limits(self) -> Limits:
+        """The request limits these settings impose."""
+        return Limits(
+            min_tol=self.min_tol,
+            max_tol=1.0,
+            max_iter_limit=self.max_iter_limit,
+            max_batch_size=self.max_batch_size,
+            max_body_bytes=self.max_body_bytes,
+        )
 
     @field_validator("device")
     @classmethod
@@ -106,3 +130,49 @@ class Settings(BaseSettings):
                 f"({self.max_batch_size}): a full batch must fit in the queue"
             )
         return self
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; every check (HTTP, gRPC, start-up) and the model metadata
+    read them from here.
+
+    >>> Limits(1e-6, 1.0, 500, 64, 1024).as_dict()["max_iter_limit"]
+    500
+    """
+
+    min_tol: float
+    max_tol: float
+    max_iter_limit: int
+    max_batch_size: int
+    max_body_bytes: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "min_tol": self.min_tol,
+            "max_tol": self.max_tol,
+            "max_iter_limit": self.max_iter_limit,
+            "max_batch_size": self.max_batch_size,
+            "max_body_bytes": self.max_body_bytes,
+        }
+
+    def tol_problem(self, tol: float) -> str | None:
+        """Why ``tol`` is not allowed, or None."""
+        if self.min_tol <= tol <= self.max_tol:
+            return None
+        return f"tol {tol:g} is outside [{self.min_tol:g}, {self.max_tol:g}] (FPN_MIN_TOL)"
+
+    def max_iter_problem(self, max_iter: int) -> str | None:
+        """Why ``max_iter`` is not allowed, or None."""
+        if 1 <= max_iter <= self.max_iter_limit:
+            return None
+        return f"max_iter {max_iter} is outside [1, {self.max_iter_limit}] (FPN_MAX_ITER_LIMIT)"
+
+    def batch_problem(self, n: int) -> str | None:
+        """Why a request of ``n`` samples is not allowed, or None."""
+        if n <= self.max_batch_size:
+            return None
+        return (
+            f"{n} samples in one request; at most {self.max_batch_size} "
+            "(FPN_MAX_BATCH_SIZE): split the request"
+        )

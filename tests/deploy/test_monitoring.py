@@ -67,6 +67,7 @@ def service_url(repo_root, free_port, http_waiter, tmp_path_factory) -> Iterator
     port = free_port()
     log = tmp_path_factory.mktemp("fpn-serve") / "fpn-serve.log"
     env = {**os.environ, "FPN_MODEL_DIR": str(model_dir), "FPN_DEVICE": "cpu"}
+    env.update({"FPN_GRPC_PORT": "0", "FPN_DRAIN_SECONDS": "0"})  # HTTP only, stop at once
     with log.open("wb") as out:
         process = subprocess.Popen(
             [str(script), "--host", "127.0.0.1", "--port", str(port)],

@@ -117,6 +117,12 @@ class ServerProcess:
     url: str
     process: subprocess.Popen
     log_path: Path
+    grpc_port: int = 0
+
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` of its gRPC listener (Open Inference Protocol)."""
+        return f"127.0.0.1:{self.grpc_port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -163,13 +169,16 @@ def launch_server(
     model_dir: Path, log_path: Path, env: dict[str, str] | None = None
 ) -> ServerProcess:
     """Start ``fpn-serve --model-dir model_dir`` on a free port without waiting for it."""
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("FPN_")}
-    environment.update({"FPN_NUM_THREADS": "1", **(env or {})})
+    # No drain by default (SIGTERM stops at once); the drain tests ask for one.
+    defaults = {"FPN_NUM_THREADS": "1", "FPN_GRPC_PORT": str(grpc_port), "FPN_DRAIN_SECONDS": "0"}
+    environment.update({**defaults, **(env or {})})
     log_file = log_path.open("wb")
     process = subprocess.Popen(
         [*fpn_serve_command(), "--model-dir", str(model_dir), "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "warning"],
         stdout=log_file, stderr=subprocess.STDOUT, env=environment, cwd=REPO_ROOT,
     )  # fmt: skip
-    return ServerProcess(f"http://127.0.0.1:{port}", process, log_path)
+    grpc_port = int(environment["FPN_GRPC_PORT"])
+    return ServerProcess(f"http://127.0.0.1:{port}", process, log_path, grpc_port)

@@ -50,7 +50,7 @@ def fake_dir(tmp_path_factory) -> Path:
 
 
 def settings(fake_dir: Path, **overrides) -> Settings:
-    return Settings(model_dir=fake_dir, backend="fake", **overrides)
+    return Settings(model_dir=fake_dir, backend="fake", **{"grpc_port": 0, **overrides})
 
 
 def wait_ready(client: TestClient) -> None:
