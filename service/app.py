@@ -56,9 +56,7 @@ class Drain:
 
     def begin(self) -> None:
         """Readiness false, ``Connection: close`` on every response; listeners stay open."""
-        if not self.handler.draining:
-            self.handler.draining = True
-            log.info("draining: not ready; closing each connection after its response")
+        self.handler.draining = True  # may run in a signal handler: no logging here
 
     async def close_listeners(self) -> None:
         """Stop gRPC gracefully (in-flight calls get ``grace_seconds``); HTTP's listener is

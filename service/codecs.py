@@ -119,13 +119,16 @@ def parse_json(body: bytes) -> dict[str, Any]:
     return document
 
 
-def validate(model: type[BaseModel], document: dict[str, Any]) -> Any:
-    """``model`` validated from ``document`` (422 ``invalid_parameter`` listing the problems)."""
+def validate(model: type[BaseModel], document: dict[str, Any], *, at: str = "") -> Any:
+    """``model`` validated from ``document`` (422 ``invalid_parameter`` listing the problems);
+    ``at``: where ``document`` sits in the request, to name the fields as JSON does."""
     try:
         return model.model_validate(document)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(str(p) for p in ([at] if at else []) + list(e['loc'])) or 'body'}: "
+            f"{e['msg']}"
+            for e in exc.errors()
         )
         raise InvalidParameter(f"invalid request: {problems}") from None
 
@@ -290,7 +293,7 @@ def decode_v2_tensor(
                 f"input {name!r}: {len(raw)} bytes do not match shape {shape} x {datatype} "
                 f"({count * dtype.itemsize} bytes)"
             )
-        array = np.frombuffer(raw, dtype=dtype)
+        array = np.frombuffer(raw, dtype=dtype).copy()  # writable: backends may wrap it
     else:
         if data is None:
             raise InvalidInput(f"input {name!r} has no data")

@@ -145,7 +145,9 @@ def _servicer(handler: Handler, metrics: Metrics, max_request_bytes: int) -> Any
                 )
             runtime = handler.serving(request.model_name)
             x = codecs.decode_grpc_input(request, runtime.info.config.input)
-            params = codecs.validate(V2Parameters, codecs.grpc_parameters(request.parameters))
+            params = codecs.validate(
+                V2Parameters, codecs.grpc_parameters(request.parameters), at="parameters"
+            )
             requested = [output.name for output in request.outputs] or None
             remaining = context.time_remaining()
             outputs, knobs, result = await handler.infer_tensors(

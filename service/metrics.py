@@ -160,6 +160,8 @@ class Metrics:
         # Touch the per-model series so that they exist (at 0) before the first request.
         for metric in (self.nonconverged, self.samples, self.engine_iterations):
             metric.labels(model)
+        for endpoint in ("predict", "infer", "grpc_infer"):
+            self.requests_cancelled.labels(model, endpoint)
         self.queue_depth.labels(model).set(0)
         self.engine_active_samples.labels(model).set(0)
 

@@ -40,7 +40,8 @@ async def readyz(request: Request) -> Response:
     state = handler.readiness()
     if state["ready"]:
         return json_response(state)
-    body = {"error": "not_ready", "message": "models are loading or warming up", **state}
+    why = "draining before shutdown" if handler.draining else "models are loading or warming up"
+    body = {"error": "not_ready", "message": why, **state}
     return json_response(body, 503, {"Retry-After": "1"})
 
 

@@ -29,6 +29,7 @@ SPEC_METRICS: dict[str, str] = {
     "fpn_batch_size": "histogram",
     "fpn_queue_depth": "gauge",
     "fpn_model_info": "gauge",
+    "fpn_requests_cancelled_total": "counter",
 }
 
 

@@ -102,6 +102,7 @@ def spec_labels(spec_metrics) -> dict[str, set[str]]:
     special = {
         "fpn_requests_total": {"model", "endpoint", "code"},
         "fpn_request_duration_seconds": {"model", "endpoint"},
+        "fpn_requests_cancelled_total": {"model", "endpoint"},
         "fpn_model_info": {"model", "family", "backend", "device"},
     }
     return {name: special.get(name, {"model"}) for name in spec_metrics}

@@ -28,7 +28,16 @@ from service_support import (
     train_tiny_checkpoint,
 )
 
-from models import ImplicitOutput, SolverStats, load_checkpoint
+from models import (
+    ArchConfig,
+    ImplicitOutput,
+    ModelConfig,
+    SolverConfig,
+    SolverStats,
+    create_model,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 ADMIN_TOKEN = "test-admin-token"
 BUNDLED = REPO_ROOT / "checkpoints" / "mnist-fpn"
@@ -247,3 +256,20 @@ def bundled_server(
     server = start_server(root, log, backend_env(backend))
     yield server
     _stop_cleanly(server)
+
+
+@pytest.fixture(scope="session")
+def slow_server(tmp_path_factory, backend):
+    """An untrained, barely contractive conv model: a solve to tol=1e-6 takes 500 Picard
+    iterations (~100 ms); one sample per batch, one queued sample at most."""
+    root = tmp_path_factory.mktemp("slow-models")
+    config = ModelConfig(
+        arch=ArchConfig(kind="conv", channels=32, gamma=0.99),
+        solver=SolverConfig(method="picard", tol=1e-6, max_iter=500),
+    )
+    save_checkpoint(create_model(config), root / "slow")
+    root = for_backend(root, backend, tmp_path_factory)
+    env = {"FPN_MAX_BATCH_SIZE": "1", "FPN_MAX_QUEUE_SIZE": "1", **backend_env(backend)}
+    server = start_server(root, tmp_path_factory.mktemp("slow") / "log", env)
+    yield server
+    server.stop()

@@ -11,11 +11,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import ADMIN_TOKEN, backend_env, for_backend
+from conftest import ADMIN_TOKEN, backend_env
 from service_support import start_server
 from test_server import INFER, MODEL, PREDICT, post_all
-
-from models import ArchConfig, ModelConfig, SolverConfig, create_model, save_checkpoint
 
 
 def error(response: httpx.Response, status: int) -> str:
@@ -90,23 +88,6 @@ def test_admin_reload_needs_the_token(server, batching_server) -> None:
     # No token configured: the admin endpoint does not exist.
     other = batching_server.url + f"/v1/models/{MODEL}/reload"
     assert error(httpx.post(other, headers={"Authorization": "Bearer x"}), 404) == "not_found"
-
-
-@pytest.fixture(scope="module")
-def slow_server(tmp_path_factory, backend):
-    """An untrained, barely contractive conv model: a solve to tol=1e-6 takes 500 Picard
-    iterations (~100 ms); one sample per batch, one queued sample at most."""
-    root = tmp_path_factory.mktemp("slow-models")
-    config = ModelConfig(
-        arch=ArchConfig(kind="conv", channels=32, gamma=0.99),
-        solver=SolverConfig(method="picard", tol=1e-6, max_iter=500),
-    )
-    save_checkpoint(create_model(config), root / "slow")
-    root = for_backend(root, backend, tmp_path_factory)
-    env = {"FPN_MAX_BATCH_SIZE": "1", "FPN_MAX_QUEUE_SIZE": "1", **backend_env(backend)}
-    server = start_server(root, tmp_path_factory.mktemp("slow") / "log", env)
-    yield server
-    server.stop()
 
 
 def test_full_queue_is_503_with_retry_after(slow_server) -> None:
