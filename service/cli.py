@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from pathlib import Path
 from types import FrameType
@@ -24,6 +25,10 @@ import uvicorn
 from pydantic import ValidationError
 
 log = logging.getLogger("fpn_serve")
+
+LATE_REQUEST_SECONDS = 0.5
+"""After the listeners close: how long a connection accepted just before may take to send its
+request (it is then answered, with ``Connection: close``) before it is closed unanswered."""
 
 
 class DrainingServer(uvicorn.Server):
@@ -57,6 +62,28 @@ class DrainingServer(uvicorn.Server):
                 drain = self.config.app.state.drain
                 self._closing_listeners = asyncio.ensure_future(drain.close_listeners())
         return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown, except that after a drain the listeners close first and the
+        connections accepted just before get a moment to deliver their request: uvicorn would
+        close a connection with no request yet at once, cutting a request already on its way."""
+        if self._drain_started is not None:
+            for server in self.servers:
+                server.close()
+            for sock in sockets or []:
+                sock.close()
+            deadline = time.monotonic() + LATE_REQUEST_SECONDS
+            while time.monotonic() < deadline and any(
+                _waiting_for_request(c) for c in self.server_state.connections
+            ):
+                await asyncio.sleep(0.02)
+        await super().shutdown(sockets)
+
+
+def _waiting_for_request(connection: object) -> bool:
+    """An open HTTP connection with no request in progress."""
+    cycle = getattr(connection, "cycle", None)
+    return cycle is None or cycle.response_complete
 
 
 app = typer.Typer(
