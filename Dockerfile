@@ -77,10 +77,12 @@ COPY checkpoints/ /app/checkpoints/
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/fpn \
     FPN_MODEL_DIR=/app/checkpoints \
-    FPN_DEVICE=auto
+    FPN_DEVICE=auto \
+    FPN_GRPC_PORT=8001
 
 USER 10001:10001
-EXPOSE 8000
+# HTTP (native v1, V2, /metrics) and gRPC (Open Inference Protocol), one process.
+EXPOSE 8000 8001
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python3", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status != 200)"]

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 SERVICE_PORT = 8000
+GRPC_PORT = 8001
 PROMETHEUS_PORT = 9090
 
 
@@ -143,6 +144,8 @@ def test_both_service_variants_serve_the_same_settings(compose):
     for service in (gpu, cpu):
         assert service["environment"]["FPN_MODEL_DIR"] == "/app/checkpoints"
         assert SERVICE_PORT in published_container_ports(service)
+        assert GRPC_PORT in published_container_ports(service)
+        assert str(service["environment"]["FPN_GRPC_PORT"]) == str(GRPC_PORT)
 
 
 def test_build_contexts_and_dockerfiles_exist(repo_root, compose):

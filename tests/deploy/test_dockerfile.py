@@ -18,6 +18,7 @@ else:  # pragma: no cover
     tomllib = pytest.importorskip("tomli")
 
 SERVICE_PORT = 8000
+GRPC_PORT = 8001
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def test_healthcheck_probes_healthz_on_the_served_port(dockerfile):
     assert len(healthchecks) == 1
     assert f"http://127.0.0.1:{SERVICE_PORT}/healthz" in healthchecks[0]
     assert "curl" not in healthchecks[0] and "wget" not in healthchecks[0], "not installed"
-    assert [i.args for i in runtime if i.keyword == "EXPOSE"] == [str(SERVICE_PORT)]
+    assert [i.args for i in runtime if i.keyword == "EXPOSE"] == [f"{SERVICE_PORT} {GRPC_PORT}"]
     entrypoint = [i.args for i in runtime if i.keyword == "ENTRYPOINT"]
     cmd = [i.args for i in runtime if i.keyword == "CMD"]
     assert entrypoint == ['["fpn-serve"]']

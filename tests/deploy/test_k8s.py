@@ -84,7 +84,7 @@ def test_deployment_requests_one_gpu(container):
 
 def test_probes_use_the_spec_health_endpoints(container):
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": 8000}
+    assert ports == {"http": 8000, "grpc": 8001}
     probes = {
         kind: container[f"{kind}Probe"]["httpGet"] for kind in ("startup", "liveness", "readiness")
     }
@@ -94,6 +94,15 @@ def test_probes_use_the_spec_health_endpoints(container):
     for probe in probes.values():
         assert probe["port"] in ports or probe["port"] in ports.values()
     assert container["args"] == ["--host", "0.0.0.0", "--port", str(ports["http"])]
+
+
+def test_grpc_port_is_served_and_exposed(container):
+    service = one("Service")
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert env["FPN_GRPC_PORT"] == str(ports["grpc"])
+    (grpc,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    assert grpc["targetPort"] == "grpc" and grpc["appProtocol"] == "kubernetes.io/h2c"
 
 
 def test_pod_runs_as_the_image_user_and_locks_down(deployment, container, repo_root):
