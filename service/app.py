@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -197,9 +198,51 @@ def _allowed_methods(request: Request) -> str:
         match, _ = route.matches({**request.scope, "method": "GET"})
         if match != Match.NONE:
             methods |= set(getattr(route, "methods", None) or ())
-    if "GET" in methods:
-        methods.add("HEAD")
     return ", ".join(sorted(methods))
+
+
+def _nullable(schema: dict[str, Any], field: dict[str, Any]) -> dict[str, Any]:
+    """``field``'s documentation with its non-null alternative replaced by ``schema``."""
+    kept = {k: v for k, v in field.items() if k not in ("anyOf", "type")}
+    return {**kept, "anyOf": [schema, {"type": "null"}]}
+
+
+def _request_schemas(settings: Settings, solvers: list[str]) -> dict[str, dict[str, Any]]:
+    """The request bodies as the service validates them: the limits of ``settings`` (SPEC §7)
+    and the solvers the served models offer, on top of the pydantic models' own schemas."""
+    limits = settings.limits
+    components: dict[str, dict[str, Any]] = {}
+    for model in (PredictRequest, V2InferenceRequest):
+        doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(doc.pop("$defs", {}))
+        components[model.__name__] = doc
+    knobs = {
+        "tol": {"type": "number", "minimum": limits.min_tol, "maximum": limits.max_tol},
+        "max_iter": {"type": "integer", "minimum": 1, "maximum": limits.max_iter_limit},
+    }
+    if solvers:
+        knobs["solver"] = {"type": "string", "enum": solvers}
+    for name in ("PredictRequest", "V2Parameters"):
+        properties = components[name]["properties"]
+        for key, schema in knobs.items():
+            properties[key] = _nullable(schema, properties[key])
+    predict = components["PredictRequest"]["properties"]
+    batch = {"minItems": 1, "maxItems": limits.max_batch_size}
+    predict["inputs"] = _nullable({"type": "array", **batch}, predict["inputs"])
+    predict["images"] = _nullable(
+        {"type": "array", "items": {"type": "string", "minLength": 1}, **batch},
+        predict["images"],
+    )
+    tensor = components["V2RequestInput"]["properties"]
+    tensor["shape"] = {
+        **tensor["shape"],
+        "items": {"type": "integer", "minimum": 0},
+        "minItems": 2,
+        "description": "[N, *input shape] or [N, prod(input shape)], N >= 1",
+    }
+    inputs = components["V2InferenceRequest"]["properties"]["inputs"]
+    inputs.update({"minItems": 1, "maxItems": 1, "description": "the one input tensor"})
+    return components
 
 
 def _install_openapi(app: FastAPI) -> None:
@@ -212,10 +255,11 @@ def _install_openapi(app: FastAPI) -> None:
                 routes=app.routes,
             )  # fmt: skip
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (PredictRequest, V2InferenceRequest):
-                doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(doc.pop("$defs", {}))
-                components[model.__name__] = doc
+            registry: ModelRegistry = app.state.registry
+            solvers = sorted(
+                {s for m in registry.models.values() if m.info for s in m.info.solvers}
+            )
+            components.update(_request_schemas(app.state.settings, solvers))
             app.openapi_schema = schema
         return app.openapi_schema
 

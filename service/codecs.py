@@ -280,7 +280,7 @@ def decode_v2_tensor(
     ``input_spec.scale``); the values come as ``raw`` little-endian bytes (binary extension, gRPC
     raw contents) or as ``data``, any array-like (JSON, flat or nested; gRPC typed contents).
     """
-    dtype = V2_INPUT_DTYPES.get(datatype.upper())
+    dtype = V2_INPUT_DTYPES.get(datatype)
     if dtype is None:
         raise InvalidInput(f"datatype {datatype!r} is not supported; send FP32 or UINT8")
     shape = [int(d) for d in shape]
