@@ -42,6 +42,8 @@ log = logging.getLogger("fpn_serve.grpc")
 
 ENDPOINT = "grpc_infer"
 CLIENT_CLOSED = 499
+DEADLINE_MARGIN_MS = 1.0
+"""Taken off a call's deadline for the answer's trip back (encoding, the network)."""
 
 STATUS_CODES = {
     401: grpc.StatusCode.UNAUTHENTICATED,
@@ -152,7 +154,9 @@ def _servicer(handler: Handler, metrics: Metrics, max_request_bytes: int) -> Any
             remaining = context.time_remaining()
             outputs, knobs, result = await handler.infer_tensors(
                 runtime, x, params, requested, received,
-                deadline_ms=None if remaining is None else max(remaining, 1e-3) * 1000.0,
+                deadline_ms=None if remaining is None else max(
+                    remaining * 1000.0 - DEADLINE_MARGIN_MS, 1e-3
+                ),
             )  # fmt: skip
             response = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
             for key, value in handler.v2_reply_parameters(knobs, result, received).items():

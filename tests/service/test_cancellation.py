@@ -9,6 +9,7 @@ import socket
 import time
 from urllib.parse import urlsplit
 
+import httpx
 import numpy as np
 from test_server import metric, scrape
 
@@ -61,7 +62,7 @@ def test_disconnects_mid_body_are_counted_not_5xx(slow_server) -> None:
 
 
 def test_disconnect_while_queued_drops_the_sample(slow_server) -> None:
-    """FPN_MAX_BATCH_SIZE=1: the first request solves (~50 ms) while the second waits; the
+    """FPN_MAX_BATCH_SIZE=1: the first request solves (~200 ms) while the second waits; the
     second's client leaves, and its sample is never solved."""
     before = scrape(slow_server.url)
     first = raw_post(slow_server.url, SLOW, one_sample())
@@ -81,10 +82,12 @@ def test_disconnect_while_queued_drops_the_sample(slow_server) -> None:
     assert "Traceback" not in slow_server.log()
 
 
-def test_disconnect_while_solving_is_counted(slow_server) -> None:
+def test_disconnect_while_solving_is_counted(slow_server, backend) -> None:
+    answer = httpx.post(slow_server.url + SLOW, content=one_sample(), timeout=30).json()
+    full = answer["predictions"][0]["iterations"]  # 500 iterations, ~0.4 ms each
     before = scrape(slow_server.url)
     sock = raw_post(slow_server.url, SLOW, one_sample())
-    time.sleep(0.02)  # taken into a solve (~50 ms)
+    time.sleep(0.03)  # taken into a solve (~200 ms)
     sock.close()
     time.sleep(0.3)
     after = scrape(slow_server.url)
@@ -92,3 +95,6 @@ def test_disconnect_while_solving_is_counted(slow_server) -> None:
     assert delta(after, before, "fpn_requests_total", code="200", **ON_PREDICT) == 0
     assert server_errors(after) == 0
     assert "Traceback" not in slow_server.log()
+    if backend == "torch":  # the iteration-level engine: the sample left the running solve
+        stepped = delta(after, before, "fpn_engine_iterations_total", model="slow")
+        assert 0 < stepped < full, (stepped, full)
