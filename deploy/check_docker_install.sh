@@ -37,4 +37,7 @@ VARIANT=cpu TORCH_INDEX_URL=${TORCH_INDEX_URL:-none} PYTHON="$venv_python" \
 cd "$work"
 "$work/venv/bin/fpn-serve" --help >/dev/null
 "$venv_python" -c "import models, service"
+# The gRPC modules generated for the installed protobuf and grpcio runtimes (a version skew
+# between them and the generator fails here, not at the first start).
+"$venv_python" -c "import service.protocol.open_inference_grpc_pb2_grpc"
 echo "check_docker_install.sh: the image's install steps work in a fresh virtual environment"
