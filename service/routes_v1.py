@@ -83,7 +83,7 @@ async def predict(name: str, request: Request) -> Response:
     async def work(handler, body, received):
         return await handler.predict(name, body, received)
 
-    limit = request.app.state.settings.max_body_bytes
+    limit = handler_of(request).limits.max_body_bytes
     return await instrumented(request, "predict", name, work, body_limit=limit)
 
 

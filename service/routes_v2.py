@@ -73,5 +73,5 @@ async def infer(name: str, request: Request) -> Response:
     async def work(handler, body, received):
         return await handler.infer(name, body, received, header_length)
 
-    limit = request.app.state.settings.max_body_bytes
+    limit = handler_of(request).limits.max_body_bytes
     return await instrumented(request, "infer", name, work, body_limit=limit)
