@@ -30,6 +30,10 @@ from . import distributed
 from .data import as_float, load_dataset, random_shift
 from .evaluate import EvalResult, evaluate
 
+# Evaluation batch during training: large enough to be efficient, small enough that a conv
+# model's activations (and Anderson's history) stay well below the dataset's own size on CPU.
+EVAL_BATCH = 256
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -172,7 +176,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             line += f"train acc {record['train_accuracy']:.4f} "
             if val_set is not None:
                 radii = () if cfg.select_certified is None else (cfg.select_certified,)
-                result = evaluate(model, val_set, device=device, batch_size=1000, certify=radii)
+                result = evaluate(
+                    model, val_set, device=device, batch_size=EVAL_BATCH, certify=radii
+                )
                 record.update(
                     val_accuracy=result.accuracy,
                     val_n=result.n,
@@ -212,7 +218,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         test_set = load_dataset(cfg.dataset, "test", cfg.data_dir, download=cfg.download)
         radii = () if cfg.select_certified is None else (cfg.select_certified,)
         test = evaluate(
-            model, test_set.subset(cfg.eval_limit), device=device, batch_size=1000, certify=radii
+            model,
+            test_set.subset(cfg.eval_limit),
+            device=device,
+            batch_size=EVAL_BATCH,
+            certify=radii,
         )
         test_accuracy = test.accuracy
         tqdm.write(f"selected epoch {best_epoch}: test acc {test.accuracy:.4f}")
