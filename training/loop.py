@@ -30,9 +30,9 @@ from . import distributed
 from .data import as_float, load_dataset, random_shift
 from .evaluate import EvalResult, evaluate
 
-# Evaluation batch during training: large enough to be efficient, small enough that a conv
-# model's activations (and Anderson's history) stay well below the dataset's own size on CPU.
-EVAL_BATCH = 256
+# Evaluation batch during training: the training batch, so that evaluating a conv model
+# (activations, Anderson's history) needs no more memory than a training step does.
+EVAL_BATCH = 128
 
 
 @dataclass(frozen=True)
