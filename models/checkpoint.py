@@ -15,7 +15,7 @@ sees half a checkpoint. Every failure to load names the file and the problem. Th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
