@@ -2,7 +2,7 @@
 certified-margin training loss. Companion of :mod:`models.linf` (the family's knowledge, kept in
 its own module so the family's solve and the certificate math change independently).
 
-**Interval bounds through the fixed point** (the mixed-monotone embedding of Jafarpour, Davydov
+**Interval bounds through the fixed point** (the mixed-monotone embedding of Jafarpour, Abate
 and Bullo, "Robustness certificates for implicit neural networks: a mixed monotone contractive
 approach", L4DC 2022). Split ``A`` into its Metzler part ``M = diag(A) + max(offdiag(A), 0)`` and
 the rest ``N = min(offdiag(A), 0)``. For inputs in a box ``[u_lo, u_hi]`` the embedded map
