@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models import cross_entropy, load_checkpoint  # noqa: E402
+from models import load_checkpoint  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
 
@@ -61,9 +61,9 @@ def time_training_steps(model, dataset, *, steps: int, batch: int = 128, seed: i
     times = []
     for i in range(steps + 2):
         rows = torch.randint(len(dataset), (batch,), generator=g)
-        x, y = dataset.images[rows], dataset.labels[rows]
+        x, y = dataset.batch(rows), dataset.labels[rows]
         start = time.perf_counter()
-        loss = cross_entropy(model(x), y)
+        loss = model.training_loss(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -77,7 +77,7 @@ def images_per_second(model, dataset, *, n: int = 2000, batch: int = 500) -> flo
     model.eval()
     start = time.perf_counter()
     for i in range(0, n, batch):
-        model.predict(dataset.images[i : min(i + batch, n)], tol=1e-4)
+        model.predict(dataset.batch(slice(i, min(i + batch, n))), tol=1e-4)
     return n / (time.perf_counter() - start)
 
 
@@ -86,7 +86,7 @@ def certified(model, dataset, batch: int = 500) -> dict:
     """Mean certified radius and certified accuracy at EPSILONS (linf only)."""
     radii, correct = [], []
     for i in range(0, len(dataset), batch):
-        out = model.predict(dataset.images[i : i + batch], tol=1e-4)
+        out = model.predict(dataset.batch(slice(i, i + batch)), tol=1e-4)
         radii.append(out.extras["certified_radius_linf"])
         correct.append(out.logits.argmax(1) == dataset.labels[i : i + batch])
     radius, correct = torch.cat(radii), torch.cat(correct)

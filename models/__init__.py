@@ -17,6 +17,7 @@ _EXPORTS = {
     "load_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint",
     "CheckpointError": "checkpoint_files",
+    "CheckpointMetadata": "checkpoint_files",
     "ArchConfig": "config",
     "BackpropConfig": "config",
     "InputSpec": "config",
@@ -43,6 +44,7 @@ __all__ = [
     "BackpropConfig",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointMetadata",
     "ImplicitClassifier",
     "ImplicitOutput",
     "InputSpec",
@@ -71,7 +73,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # pragma: no cover - what the lazy names are, for type checkers and editors
     from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-    from .checkpoint_files import CheckpointError
+    from .checkpoint_files import CheckpointError, CheckpointMetadata
     from .config import ArchConfig, BackpropConfig, InputSpec, ModelConfig, SolverConfig
     from .families import FAMILIES, create_model, get_family, register_family
     from .implicit import ImplicitClassifier, ImplicitOutput, cross_entropy

@@ -15,7 +15,7 @@ sees half a checkpoint. Every failure to load names the file and the problem. Th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +55,31 @@ __all__ = [
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: the model (eval mode) and the metadata around it."""
+    """A loaded checkpoint: the model (eval mode) and its metadata record."""
 
-    name: str
-    path: Path
     model: ImplicitClassifier
-    training: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
+    meta: CheckpointMetadata
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    @property
+    def path(self) -> Path:
+        return self.meta.path
 
     @property
     def config(self) -> ModelConfig:
+        """The model's config: ``meta.config`` with the family's option defaults filled in."""
         return self.model.config
+
+    @property
+    def training(self) -> dict[str, Any]:
+        return self.meta.training
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.meta.metrics
 
 
 def save_checkpoint(
@@ -114,9 +128,7 @@ def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu"
     _check_tensors(model, tensors, weights_path)
     model.load_state_dict(tensors, strict=True)
     model.to(device).eval()
-    return Checkpoint(
-        name=meta.name, path=directory, model=model, training=meta.training, metrics=meta.metrics
-    )
+    return Checkpoint(model=model, meta=meta)
 
 
 def _check_tensors(model: ImplicitClassifier, tensors: dict[str, torch.Tensor], path: Path) -> None:

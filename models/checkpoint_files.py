@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +55,15 @@ def read_config(directory: str | Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class CheckpointMetadata:
-    """Everything in ``config.json``, parsed and checked; no weights read."""
+    """Everything in a checkpoint's ``config.json``, parsed and checked (no weights read): the one
+    metadata record, whether or not the weights are loaded (``models.checkpoint.Checkpoint``
+    holds one)."""
 
     name: str
+    path: Path
     config: ModelConfig
-    training: dict[str, Any]
-    metrics: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def read_metadata(directory: str | Path) -> CheckpointMetadata:
@@ -74,6 +77,7 @@ def read_metadata(directory: str | Path) -> CheckpointMetadata:
         raise CheckpointError(f"{directory / CONFIG_FILE}: invalid model config ({exc})") from None
     return CheckpointMetadata(
         name=str(document.get("name") or directory.name),
+        path=directory,
         config=config,
         training=dict(document.get("training") or {}),
         metrics=dict(document.get("metrics") or {}),

@@ -248,6 +248,27 @@ class ImplicitClassifier(nn.Module):
         logits = parts.readout(z, qx)
         return ImplicitOutput(logits, z, stats, aux_loss=self.auxiliary_loss(x, qx, z))
 
+    # --- training hooks and certificates (families override) -------------------------------
+    #: Names of the certificates :meth:`certify` reports; empty: the family certifies nothing.
+    certificates: tuple[str, ...] = ()
+
+    def training_loss(self, output: ImplicitOutput, target: Tensor) -> Tensor:
+        """The loss the trainer minimises: cross-entropy plus the family's auxiliary loss."""
+        return cross_entropy(output, target)
+
+    def set_training_progress(self, fraction: float) -> None:
+        """Told before each optimiser step how far training is (0 → 1), for families whose loss
+        follows a schedule (e.g. a growing robustness radius). Default: nothing."""
+
+    def certify(self, x: Tensor, labels: Tensor, eps: float) -> dict[str, Tensor]:
+        """Per certificate in :attr:`certificates`, (B,) bool: every raw input within ℓ∞
+        distance ``eps`` of ``x`` is classified as ``labels``. Families without a certified
+        bound raise ``ValueError``."""
+        raise ValueError(
+            f"the {self.config.family!r} family has no certified bound, so it cannot certify "
+            f"robustness (families with one: those whose model lists certificates, e.g. 'linf')"
+        )
+
 
 def _uniform_stats(z: Tensor, steps: int, tol, T: OperatorFn, qx: Tensor) -> SolverStats:
     with torch.no_grad():

@@ -1,4 +1,8 @@
-"""Datasets as in-memory tensors: ``images`` float32 in [0, 1] (N, C, H, W), ``labels`` int64 (N,).
+"""Datasets as in-memory tensors: ``images`` (N, C, H, W) as stored, ``labels`` int64 (N,).
+
+Images stay in their stored dtype (``uint8`` pixels for MNIST-like data and torchvision sets, so a
+60,000-image MNIST split holds 47 MB, not 188 MB as float32) until a batch is drawn:
+:meth:`Dataset.batch` returns float32 in [0, 1]. ``synthetic`` is generated as float32.
 
 - ``mnist`` / ``fashion-mnist``: the standard IDX ``.gz`` files in ``data_dir``.
 - ``synthetic``: generated class prototypes plus noise; small, for tests and smoke runs.
@@ -7,6 +11,9 @@
 
 These datasets fit in memory, so a batch is an index into two tensors: no worker processes, and
 the same batches on one process or many (``training.distributed`` shards each global batch).
+
+Model selection uses a validation split held out of ``train`` (:meth:`Dataset.split`, fixed by the
+seed); ``test`` is read once, for the final evaluation.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ class Dataset:
     """One split of a dataset, in memory."""
 
     name: str
-    images: Tensor  # (N, C, H, W) float32 in [0, 1]
+    images: Tensor  # (N, C, H, W) uint8 pixels, or float32 in [0, 1]
     labels: Tensor  # (N,) int64
     classes: tuple[str, ...]
     input: InputSpec
@@ -45,12 +52,41 @@ class Dataset:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    def batch(self, rows: Tensor | slice) -> Tensor:
+        """Images ``rows`` as float32 in [0, 1] (the only place pixels become floats)."""
+        return as_float(self.images[rows])
+
     def subset(self, limit: int | None) -> Dataset:
         if limit is None or limit >= len(self):
             return self
-        return Dataset(
-            self.name, self.images[:limit], self.labels[:limit], self.classes, self.input
-        )
+        return self.take(torch.arange(limit))
+
+    def take(self, rows: Tensor) -> Dataset:
+        """The examples at ``rows`` (int64 indices), in that order."""
+        return Dataset(self.name, self.images[rows], self.labels[rows], self.classes, self.input)
+
+    def split(self, held_out: int, seed: int) -> tuple[Dataset, Dataset]:
+        """``(rest, validation)``: ``held_out`` examples drawn at random, fixed by ``seed``.
+
+        The same ``(held_out, seed)`` always holds out the same examples, so ``fpn-eval --split
+        val`` re-creates a training run's validation split from its config.json.
+        """
+        if not 0 <= held_out < len(self):
+            raise ValueError(
+                f"validation split of {held_out} examples needs 0 <= N < {len(self)} "
+                f"(the {self.name} training split's size)"
+            )
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        validation = order[:held_out].sort().values
+        rest = order[held_out:].sort().values
+        return self.take(rest), self.take(validation)
+
+
+def as_float(images: Tensor) -> Tensor:
+    """uint8 pixels -> float32 in [0, 1]; floating images pass through as float32."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255.0)
+    return images.float()
 
 
 def load_idx(path: str | Path) -> np.ndarray:
@@ -77,7 +113,7 @@ def _load_idx_dataset(
             raise FileNotFoundError(
                 f"{data_dir / f}: missing; --data-dir must hold the {name} IDX files"
             )
-    images = torch.from_numpy(load_idx(data_dir / image_file).copy()).float().div_(255.0)
+    images = torch.from_numpy(load_idx(data_dir / image_file).copy())  # uint8, 1 byte a pixel
     labels = torch.from_numpy(load_idx(data_dir / label_file).astype(np.int64))
     spec = InputSpec(shape=(1, 28, 28), mean=mean, std=std)
     return Dataset(name, images.unsqueeze(1), labels, classes, spec)
@@ -113,7 +149,7 @@ def _torchvision_dataset(name: str, data_dir: Path, split: str, download: bool) 
         ds = torchvision.datasets.SVHN(str(data_dir), split=split, download=download)
         images, labels, classes = ds.data.transpose(0, 2, 3, 1), ds.labels, DIGITS
         mean, std = 0.4452, 0.1981
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()  # uint8
     spec = InputSpec(shape=(3, 32, 32), mean=mean, std=std)
     return Dataset(name, x, torch.from_numpy(np.asarray(labels, dtype=np.int64)), classes, spec)
 
@@ -124,7 +160,8 @@ DATASETS = ("mnist", "fashion-mnist", "synthetic", "cifar10", "svhn")
 def load_dataset(
     name: str, split: str, data_dir: str | Path | None = None, *, download: bool = False
 ) -> Dataset:
-    """Load ``split`` (``train`` or ``test``) of dataset ``name``."""
+    """Load ``split`` (``train`` or ``test``) of dataset ``name``; see :meth:`Dataset.split` for
+    the validation split."""
     if split not in IDX_FILES:
         raise ValueError(f"unknown split {split!r}; available: {sorted(IDX_FILES)}")
     if name == "synthetic":

@@ -56,6 +56,16 @@ def shard(indices: torch.Tensor, ctx: DistributedContext) -> torch.Tensor:
     return indices[ctx.rank :: ctx.world_size]
 
 
+def agree(flag: bool, ctx: DistributedContext) -> bool:
+    """Rank 0's ``flag`` on every rank (for decisions only rank 0 can make)."""
+    if not ctx.enabled:
+        return flag
+    device = torch.device("cuda", ctx.local_rank) if dist.get_backend() == "nccl" else None
+    value = torch.tensor([int(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
 def barrier(ctx: DistributedContext) -> None:
     if ctx.enabled:
         dist.barrier()

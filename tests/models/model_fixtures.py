@@ -243,7 +243,7 @@ def train_on_prototypes(
     for _ in range(steps):
         rows = torch.randint(len(y_train), (batch,), generator=g)
         out = model(x_train[rows], tol=1e-4, max_iter=100)
-        loss = cross_entropy(out, y_train[rows])
+        loss = model.training_loss(out, y_train[rows])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

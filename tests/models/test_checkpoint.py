@@ -190,3 +190,32 @@ def test_a_broken_checkpoint_raises_an_error_that_names_the_file(saved, case):
 def test_a_missing_directory_names_its_config_file(tmp_path):
     with pytest.raises(CheckpointError, match=str(tmp_path / "nowhere" / CONFIG_FILE)):
         load_checkpoint(tmp_path / "nowhere")
+
+
+def test_a_loaded_checkpoint_holds_the_one_metadata_record(saved):
+    from models.checkpoint import read_metadata
+
+    ckpt = load_checkpoint(saved)
+    assert ckpt.meta == read_metadata(saved)
+    assert (ckpt.name, ckpt.path, ckpt.training, ckpt.metrics) == (
+        "tiny",
+        saved,
+        {"epochs": 1},
+        {"test_accuracy": 0.5},
+    )
+    assert ckpt.config == ckpt.model.config
+
+
+def test_checkpoints_that_repeat_tol_in_training_and_metrics_still_load(saved):
+    """Before each value was stored once, config.json repeated the solver's tol (and more) under
+    ``training`` and ``metrics``; those sections are records, so such files load unchanged."""
+    _edit_config(
+        saved,
+        lambda doc: (
+            doc["training"].update(tol=1e-4, solver="anderson", family="fpn", arch="mlp"),
+            doc["metrics"].update(eval_tol=1e-4, eval_solver="anderson"),
+        ),
+    )
+    ckpt = load_checkpoint(saved)
+    assert ckpt.training["tol"] == 1e-4 and ckpt.metrics["eval_tol"] == 1e-4
+    assert ckpt.config.solver.tol == 1e-4

@@ -87,7 +87,7 @@ def test_images(data_dir: Path):
         if name not in cache:
             if not (data_dir / name / "t10k-images-idx3-ubyte.gz").is_file():
                 pytest.skip(f"{name} not found under {data_dir}")
-            cache[name] = load_dataset(name, "test", data_dir / name).images[:1000].numpy()
+            cache[name] = load_dataset(name, "test", data_dir / name).batch(slice(0, 1000)).numpy()
         return cache[name]
 
     return images

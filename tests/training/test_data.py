@@ -11,8 +11,11 @@ from training.data import load_dataset, load_idx, random_shift, synthetic
 def test_mnist_test_split_matches_the_published_class_counts(mnist_dir):
     ds = load_dataset("mnist", "test", mnist_dir)
     assert ds.images.shape == (10000, 1, 28, 28)
-    assert ds.images.dtype == torch.float32
-    assert float(ds.images.min()) >= 0.0 and float(ds.images.max()) == 1.0
+    assert ds.images.dtype == torch.uint8  # pixels stay bytes until a batch is drawn
+    batch = ds.batch(slice(0, 256))
+    assert batch.dtype == torch.float32 and batch.shape == (256, 1, 28, 28)
+    assert float(batch.min()) >= 0.0 and float(batch.max()) == 1.0
+    torch.testing.assert_close(batch, ds.images[:256].float() / 255)
     counts = torch.bincount(ds.labels, minlength=10).tolist()
     assert counts == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
@@ -56,3 +59,13 @@ def test_random_shift_moves_pixels_without_changing_them():
     assert torch.all(shifted.sum(dim=(1, 2, 3)) == 1.0)  # the bright pixel stays inside
     positions = {tuple(torch.nonzero(s[0])[0].tolist()) for s in shifted}
     assert len(positions) > 5 and all(2 <= r <= 6 and 2 <= c <= 6 for r, c in positions)
+
+
+def test_the_training_split_is_held_as_bytes(mnist_dir):
+    """60,000 MNIST images are 47 MB as uint8 (188 MB as float32); batches are converted alone."""
+    ds = load_dataset("mnist", "train", mnist_dir)
+    assert ds.images.dtype == torch.uint8
+    assert ds.images.nelement() * ds.images.element_size() == 60000 * 28 * 28
+    rows = torch.tensor([3, 59999, 0])
+    torch.testing.assert_close(ds.batch(rows), ds.images[rows].float() / 255)
+    assert torch.mean(ds.batch(slice(None)).double()).item() == pytest.approx(0.1307, abs=1e-4)

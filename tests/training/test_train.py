@@ -8,24 +8,38 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import create_model, load_checkpoint
+from models import (
+    ArchConfig,
+    BackpropConfig,
+    ModelConfig,
+    SolverConfig,
+    create_model,
+    load_checkpoint,
+)
 from training.data import load_dataset
 from training.loop import TrainConfig, train
 
 BIN = Path(sys.executable).parent
 
 
-def _synthetic_config(out: Path, **overrides) -> TrainConfig:
+def synthetic_config(out: Path, *, backprop: str = "jfb", **overrides) -> TrainConfig:
+    """An MLP FPN on the synthetic set (2,000 training examples, 400 of them held out)."""
+    model = ModelConfig(
+        family="fpn",
+        arch=ArchConfig(kind="mlp", width=64),
+        solver=SolverConfig(tol=1e-4, max_iter=50),
+        backprop=BackpropConfig(mode=backprop),
+    )
     base = dict(
-        family="fpn", dataset="synthetic", arch="mlp", width=64, epochs=2, batch_size=64,
-        lr=3e-3, tol=1e-4, max_iter=50, out=str(out), progress=False, device="cpu",
+        model=model, dataset="synthetic", epochs=2, batch_size=64, lr=3e-3, val_split=400,
+        out=str(out), progress=False, device="cpu",
     )  # fmt: skip
     return TrainConfig(**{**base, **overrides})
 
 
 def test_training_on_synthetic_learns_in_seconds_and_saves_a_loadable_checkpoint(tmp_path):
-    result = train(_synthetic_config(tmp_path / "ckpt"))
-    assert result.test_accuracy > 0.95
+    result = train(synthetic_config(tmp_path / "ckpt"))
+    assert result.test_accuracy > 0.95 and result.val_accuracy > 0.95
     assert result.mean_train_iterations > 1
     ckpt = load_checkpoint(result.checkpoint)
     test = load_dataset("synthetic", "test")
@@ -33,19 +47,23 @@ def test_training_on_synthetic_learns_in_seconds_and_saves_a_loadable_checkpoint
     accuracy = float((out.logits.argmax(1) == test.labels).float().mean())
     assert accuracy == pytest.approx(result.test_accuracy)
     assert ckpt.metrics["test_accuracy"] == pytest.approx(result.test_accuracy)
-    assert ckpt.training["backprop"] == "jfb"  # the fpn family's default
+    assert ckpt.metrics["val_accuracy"] == pytest.approx(result.val_accuracy)
+    assert ckpt.metrics["val_n"] == 400 and ckpt.metrics["test_n"] == len(test)
+    assert ckpt.config.backprop.mode == "jfb"
+    assert ckpt.training["best_epoch"] == result.best_epoch
 
 
 @pytest.mark.parametrize("backprop", ["ift", "neumann", "unrolled"])
 def test_every_backprop_mode_trains(tmp_path, backprop):
-    result = train(_synthetic_config(tmp_path / backprop, backprop=backprop, epochs=1))
+    result = train(synthetic_config(tmp_path / backprop, backprop=backprop, epochs=1))
     assert result.test_accuracy > 0.9
 
 
 def test_conv_model_trains_on_a_few_mnist_steps(tmp_path, mnist_dir):
     cfg = TrainConfig(
-        dataset="mnist", data_dir=str(mnist_dir), max_steps=30, batch_size=64,
-        channels=8, eval_limit=500, out=str(tmp_path / "m"), progress=False, device="cpu",
+        model=ModelConfig(arch=ArchConfig(channels=8)), dataset="mnist", data_dir=str(mnist_dir),
+        max_steps=30, batch_size=64, eval_limit=500, out=str(tmp_path / "m"), progress=False,
+        device="cpu",
     )  # fmt: skip
     result = train(cfg)
     assert result.steps == 30
@@ -60,13 +78,14 @@ def test_fpn_train_cli_prints_the_spec_json_summary(tmp_path):
     out = tmp_path / "cli"
     done = _run(
         str(BIN / "fpn-train"), "--family", "deq", "--dataset", "synthetic", "--arch", "mlp",
-        "--width", "32", "--max-steps", "15", "--batch-size", "32", "--out", str(out),
-        "--device", "cpu", "--json",
+        "--width", "32", "--max-steps", "15", "--batch-size", "32", "--val-split", "400",
+        "--tol", "1e-3", "--out", str(out), "--device", "cpu", "--json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     keys = {
         "test_accuracy",
+        "val_accuracy",
         "seconds_per_step",
         "peak_memory_bytes",
         "mean_train_iterations",
@@ -74,8 +93,15 @@ def test_fpn_train_cli_prints_the_spec_json_summary(tmp_path):
     }
     assert keys <= set(summary)
     config = json.loads((out / "config.json").read_text())
-    assert config["family"] == "deq" and config["training"]["backprop"] == "ift"
+    assert config["family"] == "deq" and config["backprop"]["mode"] == "ift"  # deq's default
     assert config["training"]["command"].startswith("fpn-train --family deq")
+    # Each value once: tol lives in the solver section only; options not given keep the defaults.
+    assert config["solver"]["tol"] == 1e-3
+    assert config["solver"]["max_iter"] == SolverConfig().max_iter
+    assert config["arch"]["gamma"] == ArchConfig().gamma
+    assert "tol" not in config["training"] and "family" not in config["training"]
+    assert "eval_tol" not in config["metrics"]
+    assert config["training"]["val_split"] == 400 and config["training"]["lr"] == 2e-3
 
 
 def test_fpn_train_rejects_an_unknown_family_with_the_list():
@@ -116,6 +142,7 @@ def test_ddp_on_two_gloo_processes_matches_one_process(tmp_path):
     common = [
         "--dataset", "synthetic", "--arch", "mlp", "--width", "32", "--max-steps", "8",
         "--batch-size", "64", "--device", "cpu", "--lr", "1e-2", "--seed", "3",
+        "--val-split", "400",
     ]  # fmt: skip
     single = _run(sys.executable, "-m", "training", *common, "--out", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
