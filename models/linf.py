@@ -17,9 +17,9 @@ with ``γ = arch.gamma``.
 
 **Average iteration.** ``z ← (1 − α) z + α relu(A z + B u + b)`` (Picard with damping α) is an
 ℓ∞ contraction with factor ``1 − α (1 − μ∞(A))`` for every ``α ∈ (0, α*]``,
-``α* = 1 / (1 − min(min_i a_ii, 0))``; ``α*`` gives the fastest guaranteed rate. ``picard`` solves
-use ``α*`` (or the configured ``solver.damping`` if smaller); ``anderson`` is allowed too, without
-the guarantee.
+``α* = 1 / (1 − min(min_i a_ii, 0))``; ``α*`` gives the fastest guaranteed rate. The family's one
+solver is ``picard`` with ``α*`` (or the configured ``solver.damping`` if smaller); see
+:meth:`LinfClassifier.solvers` for why Anderson is not offered.
 
 **Certified robustness.** For inputs ``u, v``:
 ``‖z*(u) − z*(v)‖∞ ≤ ‖B‖∞ ‖u − v‖∞ / (1 − μ∞(A))``, hence
@@ -84,7 +84,7 @@ from .linf_certify import (
 )
 from .operators import OperatorFn
 from .options import resolve_options
-from .solvers import SolverStats, Stepper
+from .solvers import Picard, SolverStats, Stepper
 
 ROBUST_LOSSES = ("none", "lipschitz", "interval")
 
@@ -220,13 +220,14 @@ class LinfClassifier(ImplicitClassifier):
         return SolveParts(prologue, step, readout, self.prediction_extras)
 
     def solvers(self) -> dict[str, Stepper]:
-        """``picard`` is the paper's average iteration, step ``min(α*, solver.damping)``;
-        ``anderson`` runs too, without the guarantee."""
-        offered = super().solvers()
+        """Only ``picard``: the paper's average iteration, step ``min(α*, solver.damping)``, an
+        ℓ∞ contraction by construction. Undamped, ``z ↦ relu(A z + q)`` need not contract (only
+        ``μ∞(A) < 1`` is kept; ``‖A‖∞`` may be far above 1), and Anderson's first and fallback
+        steps are undamped: on a robustly trained model its trajectories are chaotic enough that
+        torch and onnxruntime disagree by several iterations. So it is not offered."""
         alpha = average_step_size(self.operator.matrix().detach())
-        picard = offered["picard"]
-        offered["picard"] = type(picard)(damping=min(alpha, picard.damping))
-        return offered
+        damping = min(alpha, float(self.config.solver.damping))
+        return {Picard.name: Picard(damping=damping)}
 
     def solve_fixed_point(
         self,

@@ -81,8 +81,8 @@ def test_the_fixed_point_does_not_depend_on_where_the_solve_starts():
         torch.cat([10 * torch.rand(5, 24, generator=g, dtype=qx.dtype), skip], 1),
         torch.cat([-torch.ones(5, 24, dtype=qx.dtype), skip], 1),
     ]
-    for solver in ("picard", "anderson"):
-        assert_unique_fixed_point(model, x, starts, solver=solver)
+    assert list(model.solvers()) == ["picard"]  # the average iteration, and nothing unsound
+    assert_unique_fixed_point(model, x, starts, solver="picard")
 
 
 @pytest.mark.parametrize("mode", ["ift", "jfb"])
