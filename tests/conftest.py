@@ -30,6 +30,8 @@ SPEC_METRICS: dict[str, str] = {
     "fpn_queue_depth": "gauge",
     "fpn_model_info": "gauge",
     "fpn_requests_cancelled_total": "counter",
+    "fpn_engine_active_samples": "gauge",
+    "fpn_engine_iterations_total": "counter",
 }
 
 
