@@ -288,9 +288,9 @@ def test_backend_matches_the_torch_backend(exported) -> None:
     torch_info = torch_backend.load(exported, device="cpu", num_threads=1)
     assert (info.device, info.config.family) == ("cpu", "linf")
     assert (info.solvers, info.default_solver) == (torch_info.solvers, torch_info.default_solver)
-    assert info.solvers == ("picard", "anderson")
+    assert info.solvers == ("picard",)  # linf: the average iteration only
     x = V.verification_inputs((12,), 16)
-    for solver in ("picard", "anderson"):
+    for solver in info.solvers:
         request = BatchRequest(
             x=x, tol=np.full(16, 1e-5), max_iter=np.arange(1, 17, dtype=np.int64), solver=solver
         )
