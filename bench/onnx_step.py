@@ -16,30 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from onnx_design import median_ms
 from serve_load import REPO, load_images
 
 from models import load_checkpoint
 from models.onnx.parts import export_parts
 from models.onnx.plan import plan_export
 from models.onnx.runtime import onnx_session, run_onnx
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -126,14 +126,8 @@ class Batcher:
 
         Raises :class:`QueueFull` when its samples do not fit, :class:`NotReady` when stopping.
         """
-        if self._closing:
-            raise NotReady(f"model {self.model!r} is shutting down; retry on another replica")
-        if self._queued + item.n > self.max_queue_size:
-            raise QueueFull(
-                f"model {self.model!r} has {self._queued} samples queued (limit "
-                f"{self.max_queue_size}); retry later",
-                retry_after=self._retry_after(),
-            )
+        check_admission(self.model, item, self._closing, self._queued, self.max_queue_size,
+                        self._retry_after)  # fmt: skip
         item.enqueued = time.perf_counter()
         item.future = asyncio.get_running_loop().create_future()
         self._queues.setdefault(item.solver, deque()).append(item)
@@ -279,6 +273,25 @@ class Batcher:
         if self.seconds_per_iteration <= 0:
             return item.max_iter
         return max(1, min(item.max_iter, int(remaining / self.seconds_per_iteration)))
+
+
+def check_admission(
+    model: str,
+    item: WorkItem,
+    closing: bool,
+    queued: int,
+    limit: int,
+    retry_after: Callable[[], int],
+) -> None:
+    """Refuse ``item`` when the scheduler is stopping (:class:`NotReady`) or its samples do not
+    fit in the queue (:class:`QueueFull`, with a ``Retry-After`` estimate)."""
+    if closing:
+        raise NotReady(f"model {model!r} is shutting down; retry on another replica")
+    if queued + item.n > limit:
+        raise QueueFull(
+            f"model {model!r} has {queued} samples queued (limit {limit}); retry later",
+            retry_after=retry_after(),
+        )
 
 
 def _fail(items: list[WorkItem], model: str) -> None:

@@ -42,8 +42,8 @@ from torch import Tensor
 from models.solvers import Step, stop_rule
 
 from .backends import SolveProgram
-from .batcher import ItemResult, WorkItem
-from .errors import InternalError, NotReady, QueueFull
+from .batcher import ItemResult, WorkItem, check_admission
+from .errors import InternalError
 from .metrics import Metrics
 
 log = logging.getLogger("fpn_serve.engine")
@@ -182,16 +182,10 @@ class Engine:
 
         Raises :class:`QueueFull` when its samples do not fit, :class:`NotReady` when stopping.
         """
-        if self._closing:
-            raise NotReady(f"model {self.model!r} is shutting down; retry on another replica")
         loop = self._loop = asyncio.get_running_loop()
         with self._lock:
-            if self._queued + item.n > self.max_queue_size:
-                raise QueueFull(
-                    f"model {self.model!r} has {self._queued} samples queued (limit "
-                    f"{self.max_queue_size}); retry later",
-                    retry_after=self._retry_after(),
-                )
+            check_admission(self.model, item, self._closing, self._queued, self.max_queue_size,
+                            self._retry_after)  # fmt: skip
             item.enqueued = time.perf_counter()
             item.future = loop.create_future()
             self._inbox.append(item)
