@@ -201,6 +201,8 @@ class Anderson:
             raise ValueError(f"memory must be >= 1, got {self.memory}")
 
     def start(self, f: FixedPointMap, z0: Tensor, context: Context, tol: Tensor) -> State:
+        # Zeros, not garbage: a row whose history is shorter than its batch-mates' reads slots it
+        # has not written yet (with weight 0, and 0 · NaN would still be NaN).
         rows, n, m = z0.shape[0], z0[0].numel(), self.memory
         return {
             "x": z0,
@@ -217,29 +219,45 @@ class Anderson:
         x_flat, fx_flat = x.reshape(rows, -1), fx.reshape(rows, -1)
         g = fx_flat - x_flat
         residual = _relative_residual_rows(fx_flat, g)
-        index = torch.arange(rows, device=x.device)
-        slot = k % m  # (A,) where this step's f(x), g go in each row's ring
-        F[index, slot], G[index, slot] = fx_flat, g
-        row = torch.bmm(G, g.unsqueeze(2)).squeeze(2)  # (A, m) g_i · g (unused slots hold 0)
-        gram[index, slot], gram[index, :, slot] = row, row
+        youngest, oldest = (int(v) for v in torch.aminmax(k))  # steps taken so far, per row
+        if youngest == oldest:
+            # Every row has the same age (a plain solve): slices of the used slots.
+            slot, used = oldest % m, min(oldest + 1, m)
+            F[:, slot], G[:, slot] = fx_flat, g
+            row = torch.bmm(G[:, :used], g.unsqueeze(2)).squeeze(2)  # (A, used) g_i · g
+            gram[:, slot, :used], gram[:, :used, slot] = row, row
+            system = gram[:, :used, :used].clone()
+            mask = None
+        else:
+            # Rows of different ages (the serving engine): each row's own slot, and its system
+            # over its used slots padded by an identity block (zero weights on the others).
+            index = torch.arange(rows, device=x.device)
+            slots = k % m  # (A,)
+            F[index, slots], G[index, slots] = fx_flat, g
+            used = min(oldest + 1, m)  # the slots any row uses
+            row = torch.bmm(G[:, :used], g.unsqueeze(2)).squeeze(2)  # (A, used)
+            gram[index, slots, :used], gram[index, :used, slots] = row, row
+            mask = torch.arange(used, device=x.device) < (k + 1).clamp(max=m)[:, None]
+            pair = mask[:, :, None] & mask[:, None, :]
+            padding = torch.diag_embed((~mask).to(gram.dtype))
+            system = torch.where(pair, gram[:, :used, :used], padding)
         k += 1
-        used = torch.arange(m, device=x.device) < k.clamp(max=m)[:, None]  # (A, m)
-        # The system over each row's used slots, padded to m by an identity block (zero weights).
-        pair = used[:, :, None] & used[:, None, :]
-        system = torch.where(pair, gram, torch.diag_embed((~used).to(gram.dtype)))
         # λ is relative to the smallest ‖g_i‖² (the residuals' current scale): an absolute λ swamps
         # the gram as residuals shrink, α tends to uniform weights and Anderson falls behind Picard.
-        diag = system.diagonal(dim1=1, dim2=2)  # (A, m) ‖g_i‖² on used slots
-        smallest = torch.where(used, diag, torch.inf).amin(1, keepdim=True)
-        scale = smallest.clamp_min(torch.finfo(diag.dtype).tiny)
-        diag.add_(torch.where(used, self.regularization * scale, 0.0))
+        diag = system.diagonal(dim1=1, dim2=2)  # (A, used) ‖g_i‖²
+        norms = diag if mask is None else torch.where(mask, diag, torch.inf)
+        scale = norms.amin(1, keepdim=True).clamp_min(torch.finfo(diag.dtype).tiny)  # (A, 1)
+        diag.add_(
+            self.regularization * scale if mask is None else mask * scale * self.regularization
+        )
         # min αᵀ(GGᵀ + λI)α s.t. Σα = 1 is solved by α ∝ (GGᵀ + λI)⁻¹ 1. solve_ex: one sample's
         # singular system must not fail the batch, and it does not synchronise with a GPU.
-        weights, info = torch.linalg.solve_ex(system, used.to(system.dtype).unsqueeze(2))
-        alpha = (weights / weights.sum(1, keepdim=True)).transpose(1, 2)  # (A, 1, m)
-        mixed = torch.bmm(alpha, F).squeeze(1)  # Σ α_i f(x_i); bmm: no (A, m, n) temporary
+        ones = system.new_ones(rows, used, 1) if mask is None else mask.to(system.dtype)[..., None]
+        weights, info = torch.linalg.solve_ex(system, ones)
+        alpha = (weights / weights.sum(1, keepdim=True)).transpose(1, 2)  # (A, 1, used)
+        mixed = torch.bmm(alpha, F[:, :used]).squeeze(1)  # Σ α_i f(x_i); no (A, used, n) temporary
         if self.mixing != 1.0:  # β Σ α_i f(x_i) + (1 − β) Σ α_i x_i
-            mixed = mixed - (1.0 - self.mixing) * torch.bmm(alpha, G).squeeze(1)
+            mixed = mixed - (1.0 - self.mixing) * torch.bmm(alpha, G[:, :used]).squeeze(1)
         # The first step is plain Picard; a failed or overflowing extrapolation costs that sample
         # a plain step, never a NaN state (a non-finite entry makes the row sum non-finite).
         ok = (k > 1) & (info == 0) & torch.isfinite(mixed.sum(1))  # (A,)
