@@ -167,6 +167,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        error: ServiceError
         if exc.status_code == 404:
             error = NotFound(f"no route {request.method} {request.url.path}; see /docs")
         elif exc.status_code == 405:
@@ -263,4 +264,4 @@ def _install_openapi(app: FastAPI) -> None:
             app.openapi_schema = schema
         return app.openapi_schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented override

@@ -19,16 +19,26 @@ import socket
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import typer
 import uvicorn
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from .app import Drain
 
 log = logging.getLogger("fpn_serve")
 
 LATE_REQUEST_SECONDS = 0.5
 """After the listeners close: how long a connection accepted just before may take to send its
 request (it is then answered, with ``Connection: close``) before it is closed unanswered."""
+
+
+def _drain_of(app: object) -> Drain | None:
+    """The :class:`~service.app.Drain` of an app made by ``create_app``; None for any other."""
+    state = getattr(app, "state", None)
+    return state and state.drain
 
 
 class DrainingServer(uvicorn.Server):
@@ -42,7 +52,7 @@ class DrainingServer(uvicorn.Server):
         self._closing_listeners: asyncio.Future[None] | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        drain = getattr(self.config.app, "state", None) and self.config.app.state.drain
+        drain = _drain_of(self.config.app)
         if self._drain_started is None and self.drain_seconds > 0 and self.started and drain:
             # In a signal handler: only flip flags here; on_tick (every 0.1 s) does the rest.
             self._captured_signals.append(sig)  # re-raised once shut down, as uvicorn does
@@ -59,8 +69,9 @@ class DrainingServer(uvicorn.Server):
             if time.monotonic() - self._drain_started >= self.drain_seconds:
                 self.should_exit = True
                 # gRPC stops taking calls together with HTTP (in-flight ones finish).
-                drain = self.config.app.state.drain
-                self._closing_listeners = asyncio.ensure_future(drain.close_listeners())
+                drain = _drain_of(self.config.app)
+                if drain is not None:  # always: the drain began because there is one
+                    self._closing_listeners = asyncio.ensure_future(drain.close_listeners())
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -121,7 +132,7 @@ def serve(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        settings = Settings(**({"model_dir": model_dir} if model_dir is not None else {}))
+        settings = Settings() if model_dir is None else Settings(model_dir=model_dir)
     except ValidationError as exc:
         typer.echo(f"fpn-serve: invalid settings:\n{exc}", err=True)
         raise typer.Exit(2) from None
@@ -135,7 +146,8 @@ def serve(
         lifespan="on",
         log_level=log_level.lower(),
         access_log=access_log,
-        timeout_graceful_shutdown=graceful_timeout,
+        # uvicorn annotates an int, but waits any number of seconds (asyncio.wait_for)
+        timeout_graceful_shutdown=graceful_timeout,  # type: ignore[arg-type]
         server_header=False,
     )
     server = DrainingServer(config, settings.drain_seconds)

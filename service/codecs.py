@@ -33,7 +33,7 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 IMAGE_FORMATS = ("PNG", "JPEG")
 
 # numpy <-> V2 datatypes, for outputs and binary tensors.
-V2_DTYPES = {
+V2_DTYPES: dict[np.dtype, str] = {
     np.dtype(np.float32): "FP32",
     np.dtype(np.float64): "FP64",
     np.dtype(np.int64): "INT64",
@@ -42,7 +42,7 @@ V2_DTYPES = {
     np.dtype(np.bool_): "BOOL",
 }
 NUMPY_DTYPES = {name: dtype.newbyteorder("<") for dtype, name in V2_DTYPES.items()}
-V2_INPUT_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype(np.uint8)}
+V2_INPUT_DTYPES: dict[str, np.dtype] = {"FP32": np.dtype("<f4"), "UINT8": np.dtype(np.uint8)}
 """Input datatypes: FP32 raw intensities in [0, 1], or UINT8 pixels (scaled by the checkpoint)."""
 
 

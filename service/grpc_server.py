@@ -146,7 +146,7 @@ def _servicer(handler: Handler, metrics: Metrics, max_request_bytes: int) -> Any
                     "(FPN_MAX_BODY_BYTES): send fewer samples per request"
                 )
             runtime = handler.serving(request.model_name)
-            x = codecs.decode_grpc_input(request, runtime.info.config.input)
+            x = codecs.decode_grpc_input(request, runtime.loaded_info.config.input)
             params = codecs.validate(
                 V2Parameters, codecs.grpc_parameters(request.parameters), at="parameters"
             )

@@ -139,7 +139,7 @@ class Handler:
     # --- native v1 ----------------------------------------------------------------------------
     async def predict(self, name: str, body: bytes, received: float) -> Reply:
         runtime = self._serving(name)
-        info = runtime.info
+        info = runtime.loaded_info
         request = codecs.validate(PredictRequest, codecs.parse_json(body))
         if (request.inputs is None) == (request.images is None):
             raise InvalidInput("give exactly one of 'inputs' (raw [0, 1] arrays) and 'images'")
@@ -208,7 +208,7 @@ class Handler:
         request = codecs.validate(V2InferenceRequest, codecs.parse_json(json_part))
         if len(request.inputs) != 1:
             raise InvalidInput(f"model {name!r} takes one input tensor, got {len(request.inputs)}")
-        x = codecs.decode_v2_json_input(request.inputs[0], binary, runtime.info.config.input)
+        x = codecs.decode_v2_json_input(request.inputs[0], binary, runtime.loaded_info.config.input)
         params = request.parameters or V2Parameters()
         binary_default = params.binary_data_output
         requested = None
@@ -255,7 +255,7 @@ class Handler:
         result = await self._solve(runtime, x, knobs, received)
         if wanted is None:  # everything: the core outputs and whatever extras the family gave
             extras = {k: (np.asarray(v).dtype, np.shape(v)[1:]) for k, v in result.extras.items()}
-            wanted = codecs.v2_output_schema(len(runtime.info.config.classes), extras)
+            wanted = codecs.v2_output_schema(len(runtime.loaded_info.config.classes), extras)
         return [(spec, codecs.v2_output(result, spec)) for spec in wanted], knobs, result
 
     def v2_reply_parameters(
@@ -318,17 +318,16 @@ class Handler:
         solver: str | None,
         deadline_ms: float | None,
     ) -> Knobs:
-        defaults, limits = runtime.info.config.solver, self.limits
+        info = runtime.loaded_info
+        defaults, limits = info.config.solver, self.limits
         tol = defaults.tol if tol is None else float(tol)
         max_iter = defaults.max_iter if max_iter is None else int(max_iter)
-        solver = runtime.info.default_solver if solver is None else solver
+        solver = info.default_solver if solver is None else solver
         for problem in (limits.tol_problem(tol), limits.max_iter_problem(max_iter)):
             if problem is not None:
                 raise InvalidParameter(problem)
-        if solver not in runtime.info.solvers:
-            raise InvalidParameter(
-                f"unknown solver {solver!r}; available: {list(runtime.info.solvers)}"
-            )
+        if solver not in info.solvers:
+            raise InvalidParameter(f"unknown solver {solver!r}; available: {list(info.solvers)}")
         if deadline_ms is not None and not (deadline_ms > 0 and math.isfinite(deadline_ms)):
             raise InvalidParameter("deadline_ms must be a positive number of milliseconds")
         return Knobs(tol, max_iter, solver, deadline_ms)
@@ -341,7 +340,7 @@ class Handler:
             raise BatchTooLarge(problem)
         deadline = None if knobs.deadline_ms is None else received + knobs.deadline_ms / 1000.0
         item = WorkItem(x, knobs.tol, knobs.max_iter, knobs.solver, deadline)
-        future = runtime.scheduler.submit(item)
+        future = runtime.loaded_scheduler.submit(item)
         try:
             return await future
         except asyncio.CancelledError:

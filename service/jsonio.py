@@ -10,7 +10,7 @@ from typing import Any
 try:
     import orjson
 except ImportError:  # pragma: no cover - orjson is a declared dependency of the serve extra
-    orjson = None
+    orjson = None  # type: ignore[assignment]  # the module or nothing: checked before each use
 
 JSONDecodeError: type[Exception] = orjson.JSONDecodeError if orjson else json.JSONDecodeError
 

@@ -167,7 +167,7 @@ class Metrics:
 
     def forget_model(self, model: str) -> None:
         names = ("model", "family", "backend", "device")
-        for sample in self.model_info.collect()[0].samples:
+        for sample in next(iter(self.model_info.collect())).samples:
             if sample.labels["model"] == model:
                 self.model_info.remove(*(sample.labels[k] for k in names))
 

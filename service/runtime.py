@@ -60,6 +60,20 @@ class ModelRuntime:
         self.extra_outputs: dict[str, tuple[np.dtype, list[int]]] = {}  # seen at warm-up
         self.scheduler: Engine | Batcher | None = None  # made once the backend is loaded
 
+    @property
+    def loaded_info(self) -> ModelInfo:
+        """The loaded model's info; callers check ``ready`` first, so a miss here is a bug."""
+        if self.info is None:
+            raise RuntimeError(f"model {self.name!r} is not loaded")
+        return self.info
+
+    @property
+    def loaded_scheduler(self) -> Engine | Batcher:
+        """The scheduler made at load; callers check ``ready`` first, so a miss here is a bug."""
+        if self.scheduler is None:
+            raise RuntimeError(f"model {self.name!r} is not loaded")
+        return self.scheduler
+
     def _make_scheduler(self, backend: Backend) -> Engine | Batcher:
         s = self.settings
         if isinstance(backend, SteppedBackend):
