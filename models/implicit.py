@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .backprop import differentiable_fixed_point, unrolled
 from .config import ModelConfig
-from .operators import ConvOperator, LinearOperator, OperatorFn, SpectralNormalizedMap
+from .operators import ConvOperator, LinearOperator, Operator, OperatorFn, SpectralNormalizedMap
 from .solvers import (
     STEPPERS,
     FixedDepth,
@@ -80,8 +80,10 @@ class ImplicitClassifier(nn.Module):
     """
 
     injection: nn.Module
-    operator: nn.Module
+    operator: Operator  # an nn.Module too
     head: nn.Module
+    input_mean: Tensor  # buffers, scalars (()) from config.input
+    input_std: Tensor
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

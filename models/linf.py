@@ -178,6 +178,10 @@ class LinfReadout(nn.Module):
 class LinfClassifier(ImplicitClassifier):
     """See the module docstring."""
 
+    injection: LinfInjection
+    operator: LinfOperator
+    head: LinfReadout
+
     def __init__(self, config: ModelConfig) -> None:
         config = resolve_options(config, DEFAULT_OPTIONS, "linf")
         if config.arch.kind != "mlp":

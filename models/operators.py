@@ -21,6 +21,7 @@ checkpoint is written, and eval mode uses the stored ``u``, so a loaded model is
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +30,19 @@ from torch import Tensor, nn
 OperatorFn = Callable[[Tensor, Tensor], Tensor]
 
 
+class Operator(Protocol):
+    """What a classifier asks of its operator module: ``T`` with weights prepared for one pass."""
+
+    def prepare(self) -> OperatorFn: ...
+
+
 class SpectralNormalizedMap(nn.Module):
     """A bias-free linear map (conv or dense) normalised to spectral norm 1.
 
     ``input_shape`` is one sample's input shape, e.g. ``(C, H, W)`` for conv or ``(D,)`` for dense.
     """
+
+    u: Tensor  # buffer (1, *input_shape): the power iteration's unit vector
 
     def __init__(self, weight: Tensor, input_shape: tuple[int, ...], padding: int = 0) -> None:
         super().__init__()
@@ -144,8 +153,8 @@ def jacobian_spectral_norm(
     sigma = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
     for _ in range(steps):
         v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *([1] * (v.ndim - 1)))
-        _, jv = torch.func.jvp(apply_t, (z,), (v,))
-        _, vjp_fn = torch.func.vjp(apply_t, z)
+        jv = torch.func.jvp(apply_t, (z,), (v,))[1]  # (outputs, tangents)
+        vjp_fn = torch.func.vjp(apply_t, z)[1]  # (outputs, the vjp function)
         (v,) = vjp_fn(jv)
         sigma = jv.flatten(1).norm(dim=1)
     return sigma

@@ -39,6 +39,8 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -69,7 +71,7 @@ class SymmetricOperator(nn.Module):
             nn.init.orthogonal_(weight)
             self.k = SpectralNormalizedMap(weight, state_shape)
 
-    def linear(self) -> OperatorFn:
+    def linear(self) -> Callable[[Tensor], Tensor]:
         """``z ↦ W z`` with the weights normalised once for this pass (one power-iteration step
         when training)."""
         weight = self.k.normalized_weight()
@@ -95,10 +97,13 @@ class SymmetricOperator(nn.Module):
 class OptEqClassifier(FixedPointClassifier):
     """The FPN's injection and readout around :class:`SymmetricOperator` (module docstring)."""
 
+    operator: SymmetricOperator
+
     def __init__(self, config: ModelConfig) -> None:
         config = resolve_options(config, DEFAULT_OPTIONS, "opteq")
         super().__init__(config)
         arch, in_shape = config.arch, config.input.shape
+        state: tuple[int, ...]
         if arch.kind == "conv":
             state = (arch.channels, (in_shape[1] + 1) // 2, (in_shape[2] + 1) // 2)
         else:

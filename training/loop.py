@@ -258,6 +258,8 @@ def _save(
 ) -> Path:
     """The checkpoint of the selected epoch; ``test`` is None until the final evaluation.
     Metrics are measured at the model's solver defaults (config.json's ``solver``)."""
+    if cfg.out is None:
+        raise ValueError("TrainConfig.out is not set: there is nowhere to save the checkpoint")
     training = {**cfg.training_record(), "best_epoch": epoch, "steps": step}
     metrics: dict[str, Any] = {}
     if "val_accuracy" in val:

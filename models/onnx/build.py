@@ -64,7 +64,8 @@ def build_onnx(model: ImplicitClassifier) -> onnx.ModelProto:
         main.nodes.append(helper.make_node("Identity", [value], [name]))
     classes = config.num_classes
     elems = [TP.FLOAT, TP.FLOAT, TP.INT64, TP.FLOAT, TP.BOOL] + [TP.FLOAT] * len(plan.extras)
-    shapes = [["batch", classes]] * 2 + [["batch"]] * (3 + len(plan.extras))
+    shapes: list[list[str | int]] = [["batch", classes]] * 2
+    shapes += [["batch"]] * (3 + len(plan.extras))
     graph_inputs = [
         helper.make_tensor_value_info("x", TP.FLOAT, ["batch", *in_shape]),
         helper.make_tensor_value_info("tol", TP.DOUBLE, ["batch"]),

@@ -92,7 +92,7 @@ def _picard_update(
     fixed = isinstance(stepper, FixedDepth)
     record = _record(g, s, k, s.z, fz, rank, fixed=fixed, diff=None)
     z_next = fz
-    damping = 1.0 if fixed else stepper.damping
+    damping = 1.0 if isinstance(stepper, FixedDepth) else stepper.damping
     if damping != 1.0:
         z_next = g.op("Add", s.z, g.op("Mul", g.const(damping), g.op("Sub", fz, s.z)))
     return record, g.op("Compress", z_next, record[0], axis=0), []
@@ -160,7 +160,11 @@ def _anderson_mix(g: Graph, G: str, F: str, fx: str, stepper: Anderson) -> str:
     return g.op("Where", g.op("Greater", bad, g.const(0.0)), fx, mixed)
 
 
-LOOPS: dict[type, str] = {Picard: "picard", Anderson: "anderson", FixedDepth: "fixed-depth"}
+LOOPS: dict[type[Stepper], str] = {
+    Picard: "picard",
+    Anderson: "anderson",
+    FixedDepth: "fixed-depth",
+}
 """The stepper kinds the graph runs (by class), with the stem of their loop's value names."""
 
 
@@ -200,11 +204,13 @@ def solver_loop(
     body_inputs += [value_info(h, TP.FLOAT, 3) for h in history]
 
     k = body.op("Add", i, body.const(1, np.int64))  # applications of f after this step
-    if flat:
+    if isinstance(stepper, Anderson):
         record, x_next, history_next = _anderson_update(body, stepper, step, s, k, state_shape,
                                                         history)  # fmt: skip
-    else:
+    elif isinstance(stepper, Picard | FixedDepth):
         record, x_next, history_next = _picard_update(body, stepper, step, s, k, rank)
+    else:  # unreachable: LOOPS has no other kind
+        raise TypeError(f"no loop for a {type(stepper).__name__} step")
     keep, out, iterations, residual, conv = record
     carried = [x_next] + [
         body.op("Compress", v, keep, axis=0) for v in (s.context, s.index, s.tol, s.max_iter)

@@ -66,6 +66,8 @@ def export_part(
             )
         finally:
             quiet.setLevel(level)
+    if program is None:  # only the legacy exporter (dynamo=False) returns nothing
+        raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNX program")
     proto = program.model_proto
     if proto.functions:
         proto = onnx.inliner.inline_local_functions(proto)

@@ -138,7 +138,8 @@ def verify(
     max_iter[half:] = rng.integers(1, config.solver.max_iter + 1, n - half)
     solvers = tuple(model.solvers())
     totals = {"label_mismatches": 0, "near_ties": 0, "converged_mismatches": 0}
-    worst = {"max_probability_diff": 0.0, "max_iteration_diff": 0}
+    # a float and an int, each the max of agreement()'s values
+    worst: dict[str, Any] = {"max_probability_diff": 0.0, "max_iteration_diff": 0}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
