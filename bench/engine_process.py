@@ -135,7 +135,11 @@ def serve(variant: str, model_dir: Path, port: int, threads: int, address: str) 
         child.start()
         runtime.ModelRuntime._make_scheduler = lambda self, backend: RemoteEngine(address)
     settings = Settings(model_dir=model_dir, num_threads=threads, grpc_port=0)
-    uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    try:
+        uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    finally:
+        if variant == "process":
+            child.terminate()
 
 
 # --- the measurement ----------------------------------------------------------------------------
