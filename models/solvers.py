@@ -201,13 +201,13 @@ class Anderson:
             raise ValueError(f"memory must be >= 1, got {self.memory}")
 
     def start(self, f: FixedPointMap, z0: Tensor, context: Context, tol: Tensor) -> State:
-        # Zeros, not garbage: a row whose history is shorter than its batch-mates' reads slots it
-        # has not written yet (with weight 0, and 0 · NaN would still be NaN).
+        # F and G are not cleared (two full passes over the largest buffers): a plain solve only
+        # reads slots it wrote, and the mixed-age path clears the few slots a row has not.
         rows, n, m = z0.shape[0], z0[0].numel(), self.memory
         return {
             "x": z0,
-            "F": z0.new_zeros(rows, m, n),
-            "G": z0.new_zeros(rows, m, n),
+            "F": z0.new_empty(rows, m, n),
+            "G": z0.new_empty(rows, m, n),
             "gram": z0.new_zeros(rows, m, m),
             "k": torch.zeros(rows, dtype=torch.int64, device=z0.device),
         }
@@ -238,6 +238,10 @@ class Anderson:
             row = torch.bmm(G[:, :used], g.unsqueeze(2)).squeeze(2)  # (A, used)
             gram[index, slots, :used], gram[index, :used, slots] = row, row
             mask = torch.arange(used, device=x.device) < (k + 1).clamp(max=m)[:, None]
+            # Slots a younger row has not written yet get weight 0; clear them, since 0 · NaN is
+            # NaN (an index_put over those slots only, not a pass over the buffers).
+            F[:, :used][~mask] = 0.0
+            G[:, :used][~mask] = 0.0
             pair = mask[:, :, None] & mask[:, None, :]
             padding = torch.diag_embed((~mask).to(gram.dtype))
             system = torch.where(pair, gram[:, :used, :used], padding)

@@ -413,3 +413,33 @@ def test_anderson_needs_fewer_iterations_than_picard_on_the_bundled_model(mnist_
     assert anderson_converged >= picard_converged
     assert anderson < picard, (anderson, picard)
     assert math.isfinite(anderson)
+
+
+def test_anderson_rows_of_different_ages_step_as_they_would_alone():
+    """The serving engine steps rows that joined at different iterations together; each row's
+    trajectory is its own, even when the history slots it has not written hold NaN garbage."""
+    from models.solvers import Anderson
+
+    torch.manual_seed(0)
+    A = 0.9 * torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
+
+    def f(z, b):
+        return torch.tanh(z @ A.T + b)
+
+    stepper = Anderson(memory=3)
+    b = torch.randn(2, 6, dtype=torch.float64)
+    z0 = torch.zeros(2, 6, dtype=torch.float64)
+    old = stepper.start(f, z0[:1], (b[:1],), None)
+    for _ in range(4):  # row 0 is four steps old when row 1 joins
+        old = stepper.step(f, old, (b[:1],), None).state
+    new = stepper.start(f, z0[1:], (b[1:],), None)
+    new["F"].fill_(float("nan"))
+    new["G"].fill_(float("nan"))
+    together = {k: torch.cat([old[k], new[k]]) for k in old}
+    alone = stepper.start(f, z0[1:], (b[1:],), None)
+    for _ in range(6):
+        step = stepper.step(f, together, (b,), None)
+        reference = stepper.step(f, alone, (b[1:],), None)
+        together, alone = step.state, reference.state
+        assert torch.isfinite(step.fz).all()
+        torch.testing.assert_close(step.fz[1:], reference.fz, rtol=1e-12, atol=1e-12)

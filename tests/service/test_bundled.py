@@ -38,3 +38,37 @@ def test_png_of_a_test_digit_is_classified_right(bundled_server, mnist_test) -> 
     predictions = response.json()["predictions"]
     assert [p["label"] for p in predictions] == labels[:8].tolist()
     assert all(p["iterations"] >= 1 and p["converged"] for p in predictions)
+
+
+def test_every_bundled_model_offers_only_the_solvers_its_family_runs(
+    bundled_server, backend, mnist_test
+) -> None:
+    """SPEC §5: a model lists what it runs, a request for another solver is a 422 naming them,
+    and every answer names the solver that ran (the explicit twin: its fixed depth)."""
+    if backend != "torch":
+        pytest.skip("the onnxruntime server holds mnist-fpn only")
+    x = intensities(mnist_test[0][:2]).tolist()
+    offered = {
+        "mnist-fpn": ["anderson", "picard"],
+        "mnist-skip-deq": ["anderson", "picard"],
+        "mnist-opteq": ["anderson", "picard"],
+        "mnist-cdeq": ["bosh3", "dopri5"],
+        "mnist-linf": ["picard"],
+        "mnist-explicit": ["fixed-depth"],
+    }
+    with httpx.Client(base_url=bundled_server.url, timeout=60) as client:
+        for name, solvers in offered.items():
+            meta = client.get(f"/v1/models/{name}").json()
+            assert sorted(meta["solvers"]) == solvers, name
+            path = f"/v1/models/{name}/predict"
+            answer = client.post(path, json={"inputs": x}).json()
+            assert answer["solver"]["method"] in solvers
+            wrong = "anderson" if "anderson" not in solvers else "bosh3"
+            refused = client.post(path, json={"inputs": x, "solver": wrong})
+            assert refused.status_code == 422, name
+            assert refused.json()["error"] == "invalid_parameter"
+            assert all(repr(s) in refused.json()["message"] for s in solvers), refused.text
+        depth = client.get("/v1/models/mnist-explicit").json()["config"]["arch"]["depth"]
+        twin = client.post("/v1/models/mnist-explicit/predict", json={"inputs": x, "tol": 1e-2})
+        assert twin.json()["solver"]["method"] == "fixed-depth"
+        assert [p["iterations"] for p in twin.json()["predictions"]] == [depth, depth]
