@@ -20,7 +20,6 @@ from .base import (
     SolveProgram,
     SteppedBackend,
     UnsupportedModel,
-    read_model_info,
 )
 
 BACKENDS: dict[str, str | type] = {
@@ -51,5 +50,4 @@ __all__ = [
     "SteppedBackend",
     "UnsupportedModel",
     "get_backend",
-    "read_model_info",
 ]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 
 # The torch-free modules only: the onnxruntime backend builds on this one without torch.
-from models.checkpoint_files import CheckpointError, read_metadata
+from models.checkpoint_files import CheckpointError, CheckpointMetadata
 from models.config import ModelConfig
 
 if TYPE_CHECKING:  # this module stays torch-free: the onnxruntime backend imports it
@@ -31,16 +31,33 @@ class UnsupportedModel(CheckpointError):
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the service knows about a loaded checkpoint, independent of the backend."""
+    """A loaded checkpoint as the service sees it: its one metadata record (``config.json``,
+    parsed) and what the backend runs: the solvers it offers, the default one, the device."""
 
-    name: str
-    path: Path
-    config: ModelConfig
-    training: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    solvers: tuple[str, ...] = ("picard", "anderson")  # what the model really runs
-    default_solver: str = "anderson"
+    metadata: CheckpointMetadata
+    solvers: tuple[str, ...]  # what the model really runs
+    default_solver: str
     device: str = "cpu"
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def path(self) -> Path:
+        return self.metadata.path
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.metadata.config
+
+    @property
+    def training(self) -> dict[str, Any]:
+        return self.metadata.training
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.metadata.metrics
 
 
 @dataclass(frozen=True)
@@ -103,12 +120,3 @@ class SteppedBackend(Protocol):
     def program(self) -> SolveProgram:
         """The model's parts and steppers; call again after a reload."""
         ...
-
-
-def read_model_info(path: Path) -> tuple[str, ModelConfig, dict[str, Any], dict[str, Any]]:
-    """Name, config, training and metrics sections of ``path/config.json`` (no weights read).
-
-    Raises :class:`models.CheckpointError` naming the file when the config is unusable.
-    """
-    meta = read_metadata(path)
-    return meta.name, meta.config, meta.training, meta.metrics

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from models.checkpoint_files import ONNX_FILE, CheckpointError
+from models.checkpoint_files import ONNX_FILE, CheckpointError, read_metadata
 from models.onnx.runtime import (
     OUTPUTS,
     ExportError,
@@ -35,7 +35,7 @@ from models.onnx.runtime import (
     solver_names,
 )
 
-from .base import BatchRequest, BatchResult, ModelInfo, UnsupportedModel, read_model_info
+from .base import BatchRequest, BatchResult, ModelInfo, UnsupportedModel
 
 log = logging.getLogger("fpn_serve.onnx")
 
@@ -96,7 +96,8 @@ class OnnxBackend:
 
     def load(self, path: Path, *, device: str, num_threads: int | None) -> ModelInfo:
         path = Path(path)
-        name, config, training, metrics = read_model_info(path)
+        meta = read_metadata(path)
+        name, config = meta.name, meta.config
         onnx_path = path / ONNX_FILE
         if not onnx_path.is_file():
             raise _missing_export(path, config)
@@ -130,11 +131,7 @@ class OnnxBackend:
         in_use = f"cuda:{_cuda_index(wanted)}" if self.providers[0] == CUDA else "cpu"
         log.info("%s: onnxruntime %s, providers %s", name, ort.__version__, self.providers)
         return ModelInfo(
-            name=name,
-            path=path,
-            config=config,
-            training=training,
-            metrics=metrics,
+            metadata=meta,
             solvers=solver_names(self.metadata),
             default_solver=default_solver(self.metadata, config.solver.method),
             device=in_use,

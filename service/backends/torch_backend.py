@@ -58,11 +58,7 @@ class TorchBackend:
         checkpoint = load_checkpoint(path, device=self.device)
         self.model = checkpoint.model
         return ModelInfo(
-            name=checkpoint.name,
-            path=Path(path),
-            config=checkpoint.config,
-            training=checkpoint.training,
-            metrics=checkpoint.metrics,
+            metadata=checkpoint.meta,
             solvers=tuple(self.model.solvers()),
             default_solver=self.model.default_solver(),
             device=str(self.device),

@@ -9,7 +9,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from service.backends import BatchRequest, BatchResult, ModelInfo, read_model_info
+from models.checkpoint_files import read_metadata
+from service.backends import BatchRequest, BatchResult, ModelInfo
 
 NAN_TRIGGER = 7  # a request with max_iter=7 diverges: NaN residual, converged=false
 
@@ -25,16 +26,8 @@ class FakeBackend:
     def load(self, path: Path, *, device: str, num_threads: int | None) -> ModelInfo:
         if FakeBackend.load_gate is not None and not FakeBackend.load_gate.wait(timeout=30):
             raise TimeoutError("test load gate never opened")
-        name, config, training, metrics = read_model_info(path)
-        return ModelInfo(
-            name,
-            Path(path),
-            config,
-            training,
-            metrics,
-            ("anderson", "picard"),
-            config.solver.method,
-        )
+        meta = read_metadata(path)
+        return ModelInfo(meta, ("anderson", "picard"), meta.config.solver.method)
 
     def predict(self, batch: BatchRequest) -> BatchResult:
         if FakeBackend.gate is not None and not FakeBackend.gate.wait(timeout=30):
