@@ -3,7 +3,7 @@
 vLLM V1 moved its engine core out of the API server's process (talking over ZeroMQ) so that HTTP
 parsing no longer steals the interpreter from the step loop. Whether that pays here is a
 measurement: on a small machine the second process also competes for the same cores, and every
-request and answer crosses a socket (pickled numpy arrays).
+request and answer crosses a socket (numpy arrays as raw frames behind a JSON header).
 
 Two variants of the same server, side by side, rounds alternating:
 
@@ -24,7 +24,6 @@ import asyncio
 import json
 import multiprocessing
 import os
-import pickle
 import shutil
 import statistics
 import sys
@@ -33,6 +32,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import REPO, free_port, load_images, write_bodies, wrk
 
@@ -40,10 +41,26 @@ MODEL = "mnist-fpn"
 PATH = f"/v1/models/{MODEL}/predict"
 
 
+# --- the wire: a JSON header, then one raw frame per array ------------------------------------
+def encode(header: dict, arrays: dict[str, np.ndarray]) -> list[bytes]:
+    specs = [[name, a.dtype.str, list(a.shape)] for name, a in arrays.items()]
+    frames = [np.ascontiguousarray(a).tobytes() for a in arrays.values()]
+    return [json.dumps({**header, "arrays": specs}).encode(), *frames]
+
+
+def decode(frames: list[bytes]) -> tuple[dict, dict[str, np.ndarray]]:
+    header = json.loads(frames[0])
+    arrays = {
+        name: np.frombuffer(frame, dtype=dtype).reshape(shape)
+        for (name, dtype, shape), frame in zip(header.pop("arrays"), frames[1:], strict=True)
+    }
+    return header, arrays
+
+
 # --- the engine process -------------------------------------------------------------------------
 def engine_process(checkpoint: str, address: str, threads: int, capacity: int) -> None:
-    """Serve one model's engine on a ZeroMQ ROUTER socket: [client, id, request] in,
-    [client, id, result] out (pickled)."""
+    """Serve one model's engine on a ZeroMQ ROUTER socket: [client, id, *request] in,
+    [client, id, *result] out (:func:`encode` frames)."""
     import zmq
     import zmq.asyncio
 
@@ -65,13 +82,19 @@ def engine_process(checkpoint: str, address: str, threads: int, capacity: int) -
         socket.bind(address)
 
         def reply(client: bytes, rid: bytes, future: asyncio.Future) -> None:
-            payload = pickle.dumps(future.result() if not future.exception() else None)
-            socket.send_multipart([client, rid, payload])
+            r = future.result()
+            header = {"queue_seconds": r.queue_seconds, "solve_seconds": r.solve_seconds,
+                      "batch_id": r.batch_id, "batch_size": r.batch_size}  # fmt: skip
+            arrays = {"probabilities": r.probabilities, "iterations": r.iterations,
+                      "residual": r.residual, "converged": r.converged, **r.extras}  # fmt: skip
+            socket.send_multipart([client, rid, *encode(header, arrays)])
 
         while True:
-            client, rid, payload = await socket.recv_multipart()
-            x, tol, max_iter, solver, deadline = pickle.loads(payload)
-            future = engine.submit(WorkItem(x, tol, max_iter, solver, deadline))
+            client, rid, *frames = await socket.recv_multipart()
+            header, arrays = decode(frames)
+            item = WorkItem(arrays["x"], header["tol"], header["max_iter"], header["solver"],
+                            header["deadline"])  # fmt: skip
+            future = engine.submit(item)
             future.add_done_callback(lambda f, c=client, r=rid: reply(c, r, f))
 
     asyncio.run(main())
@@ -96,19 +119,26 @@ class RemoteEngine:
         self.receiver = asyncio.get_running_loop().create_task(self._receive())
 
     async def _receive(self) -> None:
+        from service.batcher import ItemResult
+
+        core = ("probabilities", "iterations", "residual", "converged")
         while True:
-            rid, payload = await self.socket.recv_multipart()
+            rid, *frames = await self.socket.recv_multipart()
+            header, arrays = decode(frames)
+            extras = {k: v for k, v in arrays.items() if k not in core}
+            result = ItemResult(**{k: arrays[k] for k in core}, extras=extras, **header)
             future = self.pending.pop(rid, None)
             if future is not None and not future.done():
-                future.set_result(pickle.loads(payload))
+                future.set_result(result)
 
     def submit(self, item) -> asyncio.Future:
         self.counter += 1
         rid = self.counter.to_bytes(8, "little")
         future = asyncio.get_running_loop().create_future()
         self.pending[rid] = future
-        payload = (item.x, item.tol, item.max_iter, item.solver, item.deadline)
-        self.socket.send_multipart([rid, pickle.dumps(payload)])
+        header = {"tol": item.tol, "max_iter": item.max_iter, "solver": item.solver,
+                  "deadline": item.deadline}  # fmt: skip
+        self.socket.send_multipart([rid, *encode(header, {"x": item.x})])
         return future
 
     def observe_cost(self, seconds: float, iterations: int) -> None:
