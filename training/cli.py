@@ -178,7 +178,10 @@ def fpn_eval(
     ] = "test",
     tol: Optional[float] = None,  # noqa: UP045
     max_iter: Optional[int] = None,  # noqa: UP045
-    solver: Optional[str] = None,  # noqa: UP045
+    solver: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="a solver the checkpoint's family runs (default: its own)"),
+    ] = None,
     limit: Annotated[Optional[int], typer.Option(help="first N examples")] = None,  # noqa: UP045
     batch_size: int = 500,
     certify: Annotated[
@@ -195,12 +198,11 @@ def fpn_eval(
     the test split or the checkpoint's validation split."""
     _choice(dataset, DATASETS, "dataset")
     _choice(split, SPLITS, "split")
-    if solver is not None:
-        _choice(solver, SOLVERS, "solver")
     radii = _radii(certify, ctx.args)
     dev = resolve_device(device)
     try:
         ckpt = load_checkpoint(checkpoint, device=dev)
+        ckpt.model.stepper(solver)  # the family's own solvers; another is an error naming them
         if radii and not ckpt.model.certificates:
             raise ValueError(
                 f"{ckpt.name}: the {ckpt.config.family!r} family has no certified bound, so "

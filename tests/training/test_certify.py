@@ -120,3 +120,14 @@ def test_fpn_eval_certify_on_a_family_without_a_bound_is_a_clear_error(repo_root
     )  # fmt: skip
     assert done.returncode == 2
     assert "no certified bound" in done.stderr and "--certify" in done.stderr
+
+
+def test_fpn_eval_takes_the_solvers_the_family_runs_and_names_them_otherwise(repo_root, mnist_dir):
+    cdeq = str(repo_root / "checkpoints" / "mnist-cdeq")
+    data = ("--dataset", "mnist", "--data-dir", str(mnist_dir), "--limit", "8")
+    done = _eval("--checkpoint", cdeq, *data, "--solver", "picard")
+    assert done.returncode == 2
+    assert "unknown solver 'picard'" in done.stderr and "['bosh3', 'dopri5']" in done.stderr
+    done = _eval("--checkpoint", cdeq, *data, "--solver", "dopri5", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["n"] == 8
