@@ -261,8 +261,8 @@ def bundled_server(
 @pytest.fixture(scope="session")
 def slow_server(tmp_path_factory, backend):
     """An untrained conv model whose default ``tol`` (1e-12, allowed by ``FPN_MIN_TOL``) float32
-    never reaches: a default solve is 500 Picard iterations (~200 ms); one sample per batch, one
-    queued sample at most."""
+    never reaches: a default solve is 500 Picard iterations (~200 ms), a request may ask for up
+    to 5,000; one sample per batch, one queued sample at most."""
     root = tmp_path_factory.mktemp("slow-models")
     config = ModelConfig(
         arch=ArchConfig(kind="conv", channels=32, gamma=0.99),
@@ -271,7 +271,7 @@ def slow_server(tmp_path_factory, backend):
     save_checkpoint(create_model(config), root / "slow")
     root = for_backend(root, backend, tmp_path_factory)
     env = {"FPN_MAX_BATCH_SIZE": "1", "FPN_MAX_QUEUE_SIZE": "1", "FPN_MIN_TOL": "1e-12",
-           **backend_env(backend)}  # fmt: skip
+           "FPN_MAX_ITER_LIMIT": "5000", **backend_env(backend)}  # fmt: skip
     server = start_server(root, tmp_path_factory.mktemp("slow") / "log", env)
     yield server
     server.stop()

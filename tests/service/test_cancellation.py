@@ -54,7 +54,7 @@ def test_disconnects_mid_body_are_counted_not_5xx(slow_server) -> None:
     time.sleep(0.5)
     after = scrape(slow_server.url)
     assert delta(after, before, "fpn_requests_cancelled_total", **ON_PREDICT) == 50
-    assert server_errors(after) == server_errors(before) == 0
+    assert server_errors(after) == server_errors(before)  # no new 5xx (the server is shared)
     assert delta(after, before, "fpn_samples_total", model="slow") == 0
     log = slow_server.log()
     assert "Traceback" not in log and "Exception in ASGI application" not in log
@@ -78,7 +78,7 @@ def test_disconnect_while_queued_drops_the_sample(slow_server) -> None:
     assert delta(after, before, "fpn_requests_cancelled_total", **ON_PREDICT) == 1
     assert delta(after, before, "fpn_samples_total", model="slow") == 1
     assert delta(after, before, "fpn_requests_total", code="200", **ON_PREDICT) == 1
-    assert server_errors(after) == 0
+    assert server_errors(after) == server_errors(before)
     assert "Traceback" not in slow_server.log()
 
 
@@ -93,7 +93,7 @@ def test_disconnect_while_solving_is_counted(slow_server, backend) -> None:
     after = scrape(slow_server.url)
     assert delta(after, before, "fpn_requests_cancelled_total", **ON_PREDICT) == 1
     assert delta(after, before, "fpn_requests_total", code="200", **ON_PREDICT) == 0
-    assert server_errors(after) == 0
+    assert server_errors(after) == server_errors(before)
     assert "Traceback" not in slow_server.log()
     if backend == "torch":  # the iteration-level engine: the sample left the running solve
         stepped = delta(after, before, "fpn_engine_iterations_total", model="slow")

@@ -279,8 +279,8 @@ def test_a_deadline_caps_iterations_and_a_missed_one_is_cancelled(slow_server) -
 
 
 def test_a_cancelled_call_is_dropped_and_counted(slow_server) -> None:
-    """Two calls: the first solves (~200 ms), the second waits in the queue and is cancelled
-    there; its sample is never solved."""
+    """Two calls: the first solves for seconds, the second waits in the queue (one row, one
+    queued sample) and is cancelled there once the server holds it; it is never solved."""
     x = np.full((1, 1, 28, 28), 0.5, dtype=np.float32)
     tensor = tritonclient_grpc.InferInput("input", [1, 1, 28, 28], "FP32")
     tensor.set_data_from_numpy(x)
@@ -288,9 +288,19 @@ def test_a_cancelled_call_is_dropped_and_counted(slow_server) -> None:
     assert c.is_server_live()  # the channel is connected: both calls leave at once
     before = scrape(slow_server.url)
     done: list = []
-    c.async_infer("slow", [tensor], callback=lambda result, error: done.append(error))
+    # The first call solves 5,000 iterations (seconds), so the second surely waits behind it;
+    # it is cancelled once the server holds it (the one queued sample).
+    c.async_infer(
+        "slow", [tensor], callback=lambda result, error: done.append(error),
+        parameters={"max_iter": 5000},
+    )  # fmt: skip
+    time.sleep(0.05)
     queued = c.async_infer("slow", [tensor], callback=lambda result, error: done.append(error))
-    time.sleep(0.015)
+    held = time.monotonic() + 5
+    while time.monotonic() < held:
+        if metric(scrape(slow_server.url), "fpn_queue_depth", model="slow") >= 1:
+            break
+        time.sleep(0.005)
     queued.cancel()
     deadline = time.monotonic() + 30
     while len(done) < 2 and time.monotonic() < deadline:
