@@ -25,6 +25,8 @@ import typer
 import uvicorn
 from pydantic import ValidationError
 
+from .listeners import close_without_reset, duplicate_listeners
+
 if TYPE_CHECKING:
     from .app import Drain
 
@@ -74,15 +76,32 @@ class DrainingServer(uvicorn.Server):
                     self._closing_listeners = asyncio.ensure_future(drain.close_listeners())
         return await super().on_tick(counter)
 
+    def _new_connection(self) -> asyncio.Protocol:
+        """A connection protocol as uvicorn's listeners make them (``Server.startup``)."""
+        protocol: asyncio.Protocol = self.config.http_protocol_class(  # type: ignore[call-arg]
+            config=self.config, server_state=self.server_state, app_state=self.lifespan.state
+        )
+        return protocol
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        """uvicorn's shutdown, except that after a drain the listeners close first and the
-        connections accepted just before get a moment to deliver their request: uvicorn would
-        close a connection with no request yet at once, cutting a request already on its way."""
+        """uvicorn's shutdown, except that after a drain the listeners close first, without
+        resetting the connections the kernel completed (:mod:`service.listeners`), and those
+        get a moment to deliver their request: uvicorn would close a connection with no request
+        yet at once, cutting a request already on its way."""
         if self._drain_started is not None:
+            accepted: list[socket.socket] = []
             for server in self.servers:
-                server.close()
+                listeners = duplicate_listeners(server.sockets)
+                server.close()  # asyncio stops accepting; the duplicates keep the ports open
+                for listener in listeners:
+                    accepted += close_without_reset(listener)
             for sock in sockets or []:
-                sock.close()
+                accepted += close_without_reset(sock)
+            loop = asyncio.get_running_loop()
+            for connection in accepted:
+                await loop.connect_accepted_socket(self._new_connection, connection)
+            if accepted:
+                log.info("served %d connection(s) accepted as the listeners closed", len(accepted))
             deadline = time.monotonic() + LATE_REQUEST_SECONDS
             while time.monotonic() < deadline and any(
                 _waiting_for_request(c) for c in self.server_state.connections
