@@ -34,6 +34,7 @@ from . import __version__, routes_v1, routes_v2
 from .errors import InternalError, InvalidParameter, MethodNotAllowed, NotFound, ServiceError
 from .grpc_server import GrpcServer
 from .handlers import Handler
+from .interpreter import tune_for_serving
 from .metrics import Metrics
 from .routes_common import CLIENT_CLOSED, json_response
 from .runtime import ModelRegistry
@@ -93,11 +94,14 @@ def create_app(
     *,
     http_host: str = "127.0.0.1",
     grace_seconds: float = 30.0,
+    tune_interpreter: bool = False,
 ) -> FastAPI:
     """Build the service for ``settings`` (default: from ``FPN_*`` environment variables).
 
     ``http_host``: the HTTP server's interface, where gRPC listens too unless ``FPN_GRPC_HOST``
-    says otherwise; ``grace_seconds``: how long in-flight gRPC calls may take on shutdown.
+    says otherwise; ``grace_seconds``: how long in-flight gRPC calls may take on shutdown;
+    ``tune_interpreter``: once the models are loaded, apply the process-wide
+    :func:`~service.interpreter.tune_for_serving` (``fpn-serve`` does: it owns its process).
     """
     settings = settings or Settings()
     metrics = Metrics()
@@ -109,6 +113,9 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             await registry.load_all()
+            if tune_interpreter:
+                tune_for_serving(gc_threshold=settings.gc_threshold,
+                                 switch_interval_ms=settings.gil_switch_interval_ms)  # fmt: skip
             if settings.grpc_port:
                 host = settings.grpc_host or http_host
                 drain.grpc = GrpcServer(handler, metrics, host, settings.grpc_port)

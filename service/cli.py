@@ -156,7 +156,7 @@ def serve(
         typer.echo(f"fpn-serve: invalid settings:\n{exc}", err=True)
         raise typer.Exit(2) from None
     config = uvicorn.Config(
-        create_app(settings, http_host=host, grace_seconds=graceful_timeout),
+        create_app(settings, http_host=host, grace_seconds=graceful_timeout, tune_interpreter=True),
         host=host,
         port=port,
         workers=1,

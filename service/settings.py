@@ -84,6 +84,15 @@ class Settings(BaseSettings):
     ``Connection: close`` while the listeners stay open, before they close and what was
     accepted is finished."""
 
+    gc_threshold: int = Field(100_000, ge=1)
+    """Net allocations of container objects between the garbage collector's young-generation
+    passes (CPython's default: 700). Start-up objects are frozen out of its view as well
+    (``service/interpreter.py``)."""
+
+    gil_switch_interval_ms: float = Field(0.5, gt=0.0, le=100.0)
+    """How long a thread may keep the GIL while another waits for it (CPython's default: 5 ms).
+    The solve engine's thread needs it back after every torch op."""
+
     warmup: bool = True
     """Run a few solves per model (batch 1 and ``max_batch_size``, every solver) before
     reporting ready."""

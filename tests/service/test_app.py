@@ -513,3 +513,23 @@ def test_startup_fails_naming_the_broken_file(tmp_path) -> None:
         TestClient(create_app(Settings(model_dir=empty))),
     ):
         pass
+
+
+def test_serving_tunes_the_interpreter_once_models_are_loaded() -> None:
+    """Start-up objects leave the collector's view; threshold and switch interval as set."""
+    import gc
+    import sys
+
+    from service.interpreter import tune_for_serving
+
+    threshold, interval = gc.get_threshold(), sys.getswitchinterval()
+    try:
+        alive = [object() for _ in range(10)]  # noqa: F841 - alive at "start-up"
+        tune_for_serving(gc_threshold=12_345, switch_interval_ms=0.25)
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold()[0] == 12_345
+        assert sys.getswitchinterval() == pytest.approx(0.00025)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+        sys.setswitchinterval(interval)
