@@ -11,7 +11,7 @@ alternate between them so that drift of a shared VM hits both. HTTP load from wr
    ``model.predict`` throughput at batch 64 (samples/s) on the same thread count.
 3. **c1**: p50 latency minus the p50 of an in-process batch-1 ``model.predict``.
 
-    python bench/engine_ab.py --rev f66bd7f --data-dir ../shared/data --duration 10 --rounds 3
+    python bench/engine_ab.py --rev f66bd7f 912d4e1 --data-dir ../shared/data --duration 10 --rounds 3
 
 ``--rev`` is checked out into a temporary git worktree and served from there (``python -m
 service`` with that tree first on ``PYTHONPATH``), so the comparison needs no second install.
@@ -127,7 +127,10 @@ def step_ms_by_rows(checkpoint: Path, x, rows: tuple[int, ...], repeats: int = 3
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rev", default="f66bd7f", help="the previous revision to compare with")
+    parser.add_argument(
+        "--rev", nargs="+", default=["f66bd7f"],
+        help="previous revisions to compare with (the first is the goals' baseline)",
+    )  # fmt: skip
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--checkpoint", type=Path, default=REPO / "checkpoints" / MODEL)
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
@@ -143,13 +146,11 @@ def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install -y wrk")
 
+    load_at_start = os.getloadavg()
     x = load_images(args.data_dir, 512)
     reference = InProcess(args.checkpoint, x, args.threads, "cpu")
-    in_process = {
-        "batch1_p50_ms": reference.solve_p50_ms(),
-        "batch64_samples_per_s": 64e3 / reference.batch_ms(64, repeats=20),
-        "step_ms_by_rows": step_ms_by_rows(args.checkpoint, x, (1, 8, 16, 32, 64)),
-    }
+    step_ms = step_ms_by_rows(args.checkpoint, x, (1, 8, 16, 32, 64))
+    reference_rounds: list[dict] = []
     env = {"FPN_NUM_THREADS": str(args.threads), "FPN_DEVICE": "cpu", "FPN_GRPC_PORT": "0"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -161,15 +162,21 @@ def main() -> None:
             "loose": write_bodies(tmp_path / "loose.jsonl", x, (1e-2,)),
             "strict": write_bodies(tmp_path / "strict.jsonl", x, (1e-6,)),
         }
-        previous = tmp_path / "previous"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q",
-                        str(previous), args.rev], check=True)  # fmt: skip
+        trees = {rev: tmp_path / f"rev-{rev}" for rev in args.rev}
+        for rev, tree in trees.items():
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q",
+                            str(tree), rev], check=True)  # fmt: skip
         try:
-            names = ["previous", "engine"] + (["onnxruntime"] if args.onnxruntime else [])
+            names = [*trees, "engine"] + (["onnxruntime"] if args.onnxruntime else [])
             rounds: dict[str, list[dict]] = {name: [] for name in names}
             for r in range(args.rounds):
+                # The baseline in every round too (no server running), so drift hits it alike.
+                reference_rounds.append({
+                    "batch1_p50_ms": reference.solve_p50_ms(),
+                    "batch64_samples_per_s": 64e3 / reference.batch_ms(64, repeats=20),
+                })  # fmt: skip
                 for name in names if r % 2 == 0 else names[::-1]:
-                    source = previous if name == "previous" else None
+                    source = trees.get(name)
                     backend = {"FPN_BACKEND": "onnxruntime"} if name == "onnxruntime" else {}
                     log = tmp_path / f"{name}.log"
                     server = Server(models, {**env, **backend}, log, source=source)
@@ -179,21 +186,28 @@ def main() -> None:
                         server.stop()
                     print(f"round {r + 1} {name}: {json.dumps(rounds[name][-1])}", flush=True)
         finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force",
-                            str(previous)], check=False)  # fmt: skip
+            for tree in trees.values():
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force",
+                                str(tree)], check=False)  # fmt: skip
+    in_process = {
+        "batch1_p50_ms": median(reference_rounds, "batch1_p50_ms"),
+        "batch64_samples_per_s": median(reference_rounds, "batch64_samples_per_s"),
+        "step_ms_by_rows": step_ms,
+        "rounds": reference_rounds,
+    }
     result = {
         "machine": {
             "cpus": os.cpu_count(),
             "torch_threads": args.threads,
-            "load_average_at_start": os.getloadavg(),
+            "load_average_at_start": load_at_start,
         },
         "command": " ".join(sys.argv),
         "client": "wrk -t1 (two at once for the mix), bench/wrk/predict.lua",
-        "previous_revision": args.rev,
+        "previous_revisions": args.rev,
         "in_process": in_process,
         **{name: summarise(runs, in_process) for name, runs in rounds.items()},
     }
-    e, p = result["engine"], result["previous"]
+    e, p = result["engine"], result[args.rev[0]]
     result["engine_over_previous"] = {
         "mix_total_rps": e["mix_total_rps"] / p["mix_total_rps"],
         "c64_rps": e["c64_rps"] / p["c64_rps"],

@@ -185,8 +185,9 @@ class Anderson:
     Per-row state: the iterate ``x`` (A, *shape); ring buffers of the last ``m`` images ``F`` and
     residuals ``G`` (A, m, n) with the residuals' Gram matrix (A, m, m), updated by one row per
     step (m·n work, not m²·n); ``k`` (A,) the steps each row has taken, so rows that joined at
-    different times keep their own history. The iterates themselves are never stored:
-    ``Σ α_i x_i = Σ α_i f(x_i) − Σ α_i g_i``.
+    different times keep their own history; ``cleared`` (A,) whether the slots a row has not
+    written yet were zeroed (done once, the first time it steps beside rows of another age).
+    The iterates themselves are never stored: ``Σ α_i x_i = Σ α_i f(x_i) − Σ α_i g_i``.
     """
 
     name: ClassVar[str] = "anderson"
@@ -210,10 +211,12 @@ class Anderson:
             "G": z0.new_empty(rows, m, n),
             "gram": z0.new_zeros(rows, m, m),
             "k": torch.zeros(rows, dtype=torch.int64, device=z0.device),
+            "cleared": torch.zeros(rows, dtype=torch.bool, device=z0.device),
         }
 
     def step(self, f: FixedPointMap, state: State, context: Context, tol: Tensor) -> Step:
         x, F, G, gram, k = state["x"], state["F"], state["G"], state["gram"], state["k"]
+        cleared = state["cleared"]
         rows, shape, m = x.shape[0], x.shape[1:], self.memory
         fx = f(x, *context)
         x_flat, fx_flat = x.reshape(rows, -1), fx.reshape(rows, -1)
@@ -238,10 +241,15 @@ class Anderson:
             row = torch.bmm(G[:, :used], g.unsqueeze(2)).squeeze(2)  # (A, used)
             gram[index, slots, :used], gram[index, :used, slots] = row, row
             mask = torch.arange(used, device=x.device) < (k + 1).clamp(max=m)[:, None]
-            # Slots a younger row has not written yet get weight 0; clear them, since 0 · NaN is
-            # NaN (an index_put over those slots only, not a pass over the buffers).
-            F[:, :used][~mask] = 0.0
-            G[:, :used][~mask] = 0.0
+            # Slots a younger row has not written yet get weight 0 but are read, and 0 · NaN is
+            # NaN: zero them, once per row (newcomers, mostly), not at every step.
+            fresh = (~cleared).nonzero().squeeze(1)
+            if fresh.numel():
+                unwritten = torch.arange(m, device=x.device) > k[fresh, None]  # (r, m)
+                rows_of, slots_of = unwritten.nonzero(as_tuple=True)
+                F[fresh[rows_of], slots_of] = 0.0
+                G[fresh[rows_of], slots_of] = 0.0
+                cleared[fresh] = True
             pair = mask[:, :, None] & mask[:, None, :]
             padding = torch.diag_embed((~mask).to(gram.dtype))
             system = torch.where(pair, gram[:, :used, :used], padding)
@@ -266,7 +274,8 @@ class Anderson:
         # a plain step, never a NaN state (a non-finite entry makes the row sum non-finite).
         ok = (k > 1) & (info == 0) & torch.isfinite(mixed.sum(1))  # (A,)
         x_next = torch.where(ok[:, None], mixed, fx_flat).view(rows, *shape)
-        return Step({"x": x_next, "F": F, "G": G, "gram": gram, "k": k}, x, fx, residual, 1)
+        state = {"x": x_next, "F": F, "G": G, "gram": gram, "k": k, "cleared": cleared}
+        return Step(state, x, fx, residual, 1)
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,12 +66,20 @@ class _Request:
         return self.item.future is None or self.item.future.done()
 
 
+Owner = tuple[_Request, int]
+"""A row's request and the sample's index in it."""
+
+
 class _Pool:
-    """The rows of one solver (and one model generation), contiguous in ``buffers[:size]``.
+    """The rows of one solver (and one model generation), in ``buffers[:size]``.
 
     Per-row tensors: ``context`` (the prologue's), the stepper's state entries (``state.*``),
     ``tol``, ``max_iter``, ``iterations``, ``deadline`` (perf-counter seconds, inf if none).
-    ``owners[i]`` is the request and sample index of row ``i``.
+    ``owners[i]`` is the request and sample of row ``i``, None for a hole: a row that left. A
+    newcomer takes a hole first (its values are written anyway, so filling costs nothing), and
+    :meth:`compact` moves rows only into holes no newcomer filled. Moving a row copies its
+    whole solver state (an Anderson history is ``2·memory`` iterates), which cost a sixth of
+    the engine thread at c64 when every departure moved one.
     """
 
     def __init__(self, program: SolveProgram, solver: str, capacity: int) -> None:
@@ -78,24 +87,37 @@ class _Pool:
         self.stepper = program.steppers[solver]
         self.capacity = capacity
         self.buffers: dict[str, Tensor] = {}
-        self.owners: list[tuple[_Request, int]] = []
+        self.owners: list[Owner | None] = []
+        self.holes: list[int] = []
 
     @property
     def size(self) -> int:
+        """Rows stepped: the occupied ones once :meth:`compact` has run."""
         return len(self.owners)
 
-    def rows(self, name: str, stop: int | None = None) -> Tensor:
-        return self.buffers[name][: self.size if stop is None else stop]
+    @property
+    def occupied(self) -> int:
+        return len(self.owners) - len(self.holes)
 
-    def append(self, values: dict[str, Tensor], owners: list[tuple[_Request, int]]) -> None:
-        start, count = self.size, len(owners)
+    def rows(self, name: str) -> Tensor:
+        return self.buffers[name][: self.size]
+
+    def place(self, values: dict[str, Tensor], owners: list[Owner]) -> list[int]:
+        """Write newcomers' rows, into holes first, then after the last row; their indices."""
+        filled, self.holes = self.holes[: len(owners)], self.holes[len(owners) :]
+        start = self.size
+        positions = filled + list(range(start, start + len(owners) - len(filled)))
+        index = _index(positions, values["tol"].device)
         for name, value in values.items():
             buffer = self.buffers.get(name)
             if buffer is None:
                 buffer = value.new_empty((self.capacity, *value.shape[1:]))
                 self.buffers[name] = buffer
-            buffer[start : start + count].copy_(value)
-        self.owners.extend(owners)
+            buffer[index] = value
+        for position, owner in zip(filled, owners, strict=False):
+            self.owners[position] = owner
+        self.owners.extend(owners[len(filled) :])
+        return positions
 
     def store_state(self, state: dict[str, Tensor]) -> None:
         """Write a step's new state into the buffers (entries updated in place are skipped)."""
@@ -107,21 +129,39 @@ class _Pool:
     def state(self) -> dict[str, Tensor]:
         return {name[6:]: self.rows(name) for name in self.buffers if name.startswith("state.")}
 
-    def remove(self, leaving: Tensor) -> None:
-        """Drop rows ``leaving`` (sorted int64 indices): the last rows move into the holes."""
-        size, count = self.size, int(leaving.numel())
-        keep = size - count
-        left = set(leaving.tolist())
-        holes = [i for i in leaving.tolist() if i < keep]
-        movers = [i for i in range(keep, size) if i not in left]
-        if holes:
-            dst = torch.tensor(holes, device=leaving.device)
-            src = torch.tensor(movers, device=leaving.device)
-            for buffer in self.buffers.values():
-                buffer[dst] = buffer[src]
-            for hole, mover in zip(holes, movers, strict=True):
-                self.owners[hole] = self.owners[mover]
+    def remove(self, leaving: list[int]) -> None:
+        """Rows ``leaving`` become holes; holes at the end shrink the pool at once."""
+        for position in leaving:
+            self.owners[position] = None
+        while self.owners and self.owners[-1] is None:
+            self.owners.pop()
+        self.holes = sorted(h for h in {*self.holes, *leaving} if h < self.size)
+
+    def compact(self) -> None:
+        """Move the last rows into the holes left, so that ``buffers[:size]`` is all occupied."""
+        if not self.holes:
+            return
+        keep = self.occupied
+        destinations = [h for h in self.holes if h < keep]
+        sources = [i for i in range(keep, self.size) if self.owners[i] is not None]
+        device = next(iter(self.buffers.values())).device
+        # Index tensors, not slices: a gathered source is a copy, so the ranges may overlap.
+        dst, src = (
+            torch.tensor(p, dtype=torch.int64, device=device) for p in (destinations, sources)
+        )
+        for buffer in self.buffers.values():
+            buffer[dst] = buffer[src]
+        for destination, source in zip(destinations, sources, strict=True):
+            self.owners[destination] = self.owners[source]
         del self.owners[keep:]
+        self.holes = []
+
+
+def _index(positions: list[int], device: torch.device) -> slice | Tensor:
+    """Row positions as a slice when they are consecutive (a view), else an index tensor."""
+    if positions and positions[-1] - positions[0] == len(positions) - 1:
+        return slice(positions[0], positions[-1] + 1)
+    return torch.tensor(positions, dtype=torch.int64, device=device)
 
 
 class Engine:
@@ -174,7 +214,7 @@ class Engine:
     @property
     def active(self) -> int:
         """Samples in the running solve."""
-        return sum(pool.size for pool in self._pools.values())
+        return sum(pool.occupied for pool in self._pools.values())
 
     def submit(self, item: WorkItem) -> asyncio.Future[ItemResult]:
         """Queue ``item``; its future resolves to its :class:`ItemResult`. Cancelling the future
@@ -245,6 +285,8 @@ class Engine:
         """Admit what is queued, then run one iteration over every occupied row; False when there
         was nothing to run. The engine thread's loop body (tests drive it by hand)."""
         self._admit()
+        for pool in self._pools.values():
+            pool.compact()
         pools = [p for p in self._pools.values() if p.size]
         if not pools:
             return False
@@ -319,13 +361,12 @@ class Engine:
         started = pool.stepper.start(program.parts.step, z0, (context,), tol)
         step = started if isinstance(started, Step) else None
         state = started.state if isinstance(started, Step) else started
-        owners: list[tuple[_Request, int]] = []
+        owners: list[Owner] = []
         for item in items:
             request = _Request(item, now, self.iterations, self.active + len(owners), item.n)
             owners.extend((request, i) for i in range(item.n))
-        start = pool.size
         deadlines = [math.inf if item.deadline is None else item.deadline for item in items]
-        pool.append(
+        positions = pool.place(
             {
                 "context": context,
                 "tol": tol,
@@ -337,7 +378,7 @@ class Engine:
             owners,
         )
         if step is not None:  # the stepper's start evaluated f (an ODE's first stage)
-            self._retire(pool, start, step)
+            self._retire(pool, positions, step)
 
     def _iterate(self, pool: _Pool) -> None:
         parts = pool.program.parts
@@ -345,52 +386,49 @@ class Engine:
         step = pool.stepper.step(parts.step, pool.state(), context, pool.rows("tol"))
         pool.store_state(step.state)
         pool.rows("iterations").add_(step.cost)
-        self._retire(pool, 0, step)
+        self._retire(pool, range(pool.size), step)
 
-    def _retire(self, pool: _Pool, start: int, step: Step) -> None:
-        """Rows ``start:`` were just evaluated by ``step``: answer the ones that stop, drop the
-        ones whose request was cancelled, and refill nothing (admission does that)."""
-        stop = pool.size
-        rows = slice(start, stop)
-        iterations = pool.rows("iterations")[rows]
+    def _retire(self, pool: _Pool, positions: Sequence[int], step: Step) -> None:
+        """Rows ``positions`` were just evaluated by ``step`` (its outputs in that order): answer
+        the ones that stop, drop the ones whose request was cancelled; admission refills."""
+        index = _index(list(positions), step.residual.device)
+        iterations = pool.rows("iterations")[index]
         residual = step.residual
         done, converged = stop_rule(
-            residual, pool.rows("tol")[rows], iterations, pool.rows("max_iter")[rows], pool.stepper
-        )
+            residual, pool.rows("tol")[index], iterations, pool.rows("max_iter")[index],
+            pool.stepper,
+        )  # fmt: skip
         # A row whose deadline would pass before another step could finish stops now.
         horizon = time.perf_counter() + self.seconds_per_iteration
-        done |= pool.rows("deadline")[rows] <= horizon
-        owners = pool.owners[rows]
-        cancelled = [i for i, (request, _) in enumerate(owners) if request.cancelled()]
+        done |= pool.rows("deadline")[index] <= horizon
+        owners = [pool.owners[p] for p in positions]
+        cancelled = [i for i, owner in enumerate(owners) if owner and owner[0].cancelled()]
         if cancelled:
             done[cancelled] = False
         finished = done.nonzero().squeeze(1)
-        leaving = finished
-        if cancelled:
-            leaving = torch.cat([finished, torch.tensor(cancelled, device=finished.device)])
-            leaving = leaving.sort().values
-        if leaving.numel() == 0:
+        if finished.numel() == 0 and not cancelled:
             return
         if finished.numel():
-            self._answer(pool, start, step, finished, converged, iterations, residual)
-        pool.remove(leaving + start)
+            self._answer(pool, index, step, finished, converged, iterations, owners)
+        pool.remove([positions[i] for i in [*finished.tolist(), *cancelled]])
 
     def _answer(
         self,
         pool: _Pool,
-        start: int,
+        index: slice | Tensor,
         step: Step,
         finished: Tensor,
         converged: Tensor,
         iterations: Tensor,
-        residual: Tensor,
+        owners: list[Owner | None],
     ) -> None:
-        """Read out the finished rows (relative to ``start``) and deliver complete requests."""
+        """Read out the finished rows (indices into ``step``'s rows) and deliver complete
+        requests."""
         parts = pool.program.parts
-        res = residual[finished]
+        res = step.residual[finished]
         shape = (-1,) + (1,) * (step.z.ndim - 1)
         z = torch.where(torch.isfinite(res).view(shape), step.fz[finished], step.z[finished])
-        logits = parts.readout(z, pool.rows("context")[start:][finished])
+        logits = parts.readout(z, pool.rows("context")[index][finished])
         outputs = {
             "probabilities": torch.softmax(logits.float(), dim=1),
             "iterations": iterations[finished],
@@ -408,7 +446,9 @@ class Engine:
         now = time.perf_counter()
         complete: list[tuple[asyncio.Future[ItemResult], ItemResult]] = []
         for k, row in enumerate(finished.tolist()):
-            request, sample = pool.owners[start + row]
+            owner = owners[row]
+            assert owner is not None  # rows stepped are occupied (compact) or newly placed
+            request, sample = owner
             for name, value in arrays.items():
                 out = request.outputs.get(name)
                 if out is None:
@@ -423,9 +463,10 @@ class Engine:
             self._loop.call_soon_threadsafe(_deliver, complete)
 
     def _fail(self, pool: _Pool) -> None:
-        for request in {id(r): r for r, _ in pool.owners}.values():
+        for request in {id(o[0]): o[0] for o in pool.owners if o}.values():
             _fail_item(self._loop, request.item, self.model)
         pool.owners.clear()
+        pool.holes.clear()
 
 
 def _result(request: _Request) -> ItemResult:

@@ -415,9 +415,11 @@ def test_anderson_needs_fewer_iterations_than_picard_on_the_bundled_model(mnist_
     assert math.isfinite(anderson)
 
 
-def test_anderson_rows_of_different_ages_step_as_they_would_alone():
+@pytest.mark.parametrize("old_steps", [1, 4])
+def test_anderson_rows_of_different_ages_step_as_they_would_alone(old_steps):
     """The serving engine steps rows that joined at different iterations together; each row's
-    trajectory is its own, even when the history slots it has not written hold NaN garbage."""
+    trajectory is its own, even when the history slots it has not written hold NaN garbage
+    (the newcomer's, and the older row's when it is younger than the memory)."""
     from models.solvers import Anderson
 
     torch.manual_seed(0)
@@ -430,8 +432,11 @@ def test_anderson_rows_of_different_ages_step_as_they_would_alone():
     b = torch.randn(2, 6, dtype=torch.float64)
     z0 = torch.zeros(2, 6, dtype=torch.float64)
     old = stepper.start(f, z0[:1], (b[:1],), None)
-    for _ in range(4):  # row 0 is four steps old when row 1 joins
+    old["F"].fill_(float("nan"))
+    old["G"].fill_(float("nan"))
+    for _ in range(old_steps):  # row 0 is that many steps old when row 1 joins
         old = stepper.step(f, old, (b[:1],), None).state
+    old_alone = {k: v.clone() for k, v in old.items()}
     new = stepper.start(f, z0[1:], (b[1:],), None)
     new["F"].fill_(float("nan"))
     new["G"].fill_(float("nan"))
@@ -440,6 +445,8 @@ def test_anderson_rows_of_different_ages_step_as_they_would_alone():
     for _ in range(6):
         step = stepper.step(f, together, (b,), None)
         reference = stepper.step(f, alone, (b[1:],), None)
-        together, alone = step.state, reference.state
+        old_reference = stepper.step(f, old_alone, (b[:1],), None)
+        together, alone, old_alone = step.state, reference.state, old_reference.state
         assert torch.isfinite(step.fz).all()
         torch.testing.assert_close(step.fz[1:], reference.fz, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(step.fz[:1], old_reference.fz, rtol=1e-12, atol=1e-12)
