@@ -58,6 +58,14 @@ def decode(frames: list[bytes]) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 # --- the engine process -------------------------------------------------------------------------
+async def exit_with_parent(parent: int) -> None:
+    """End when the server process is gone: uvicorn re-raises SIGTERM after its shutdown, so the
+    server dies by the signal and never reaches the ``finally`` that would stop this process."""
+    while os.getppid() == parent:
+        await asyncio.sleep(0.5)
+    os._exit(0)
+
+
 def engine_process(checkpoint: str, address: str, threads: int, capacity: int) -> None:
     """Serve one model's engine on a ZeroMQ ROUTER socket: [client, id, *request] in,
     [client, id, *result] out (:func:`encode` frames)."""
@@ -78,6 +86,7 @@ def engine_process(checkpoint: str, address: str, threads: int, capacity: int) -
             metrics=Metrics(),
         )  # fmt: skip
         engine.start()
+        asyncio.get_running_loop().create_task(exit_with_parent(os.getppid()))
         socket = zmq.asyncio.Context().socket(zmq.ROUTER)
         socket.bind(address)
 
@@ -166,7 +175,8 @@ def serve(variant: str, model_dir: Path, port: int, threads: int, address: str) 
         runtime.ModelRuntime._make_scheduler = lambda self, backend: RemoteEngine(address)
     settings = Settings(model_dir=model_dir, num_threads=threads, grpc_port=0)
     try:
-        uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+        app = create_app(settings, tune_interpreter=True)  # as fpn-serve does
+        uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
     finally:
         if variant == "process":
             child.terminate()
