@@ -11,7 +11,8 @@ alternate between them so that drift of a shared VM hits both. HTTP load from wr
    ``model.predict`` throughput at batch 64 (samples/s) on the same thread count.
 3. **c1**: p50 latency minus the p50 of an in-process batch-1 ``model.predict``.
 
-    python bench/engine_ab.py --rev f66bd7f 912d4e1 --data-dir ../shared/data --duration 10 --rounds 3
+    python bench/engine_ab.py --rev f66bd7f 912d4e1 --data-dir ../shared/data \
+        --duration 10 --rounds 3
 
 ``--rev`` is checked out into a temporary git worktree and served from there (``python -m
 service`` with that tree first on ``PYTHONPATH``), so the comparison needs no second install.
