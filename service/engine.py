@@ -16,9 +16,10 @@ one that happened to share its batch. Requests of different solvers run in separ
 take turns, one step each, in the same loop.
 
 Rows are kept contiguous in buffers allocated once per pool: the step runs on ``buffer[:rows]``
-views (no gather), a newcomer is written after the last row, and a leaving row is replaced by the
-last one (a copy of the rows that moved, not of the pool). The thread releases the GIL inside
-every torch op, so the event loop keeps parsing requests while the pool computes.
+views (no gather). A leaving row leaves a hole that the next newcomers fill; only holes nobody
+filled are closed, by moving the last rows in (a copy of the rows that moved, not of the pool).
+The thread releases the GIL inside every torch op, so the event loop keeps parsing requests
+while the pool computes.
 
 Policy (which rows join, which leave) stays in plain Python over per-row tensors; execution is
 the family's parts and stepper. The engine knows nothing of HTTP.
