@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterable
+from typing import Protocol
 
 log = logging.getLogger("fpn_serve")
 
@@ -30,14 +31,14 @@ is full (then its SYN is dropped and it tries again after taking what is queued)
 MAX_PLUG_TRIES = 50
 
 
-def duplicate_listeners(listeners: Iterable[socket.socket | object]) -> list[socket.socket]:
+class _Descriptor(Protocol):
+    def fileno(self) -> int: ...
+
+
+def duplicate_listeners(listeners: Iterable[_Descriptor]) -> list[socket.socket]:
     """Own duplicates of listening sockets (asyncio's ``Server.sockets`` included), so that the
     server may stop watching and close its own descriptors while the listeners stay open."""
-    duplicates = []
-    for listener in listeners:
-        fileno = listener.fileno()  # type: ignore[union-attr]
-        duplicates.append(socket.socket(fileno=os.dup(fileno)))
-    return duplicates
+    return [socket.socket(fileno=os.dup(listener.fileno())) for listener in listeners]
 
 
 def close_without_reset(listener: socket.socket) -> list[socket.socket]:
