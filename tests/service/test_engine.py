@@ -131,6 +131,49 @@ def test_loose_requests_leave_while_strict_ones_keep_running() -> None:
     asyncio.run(scenario())
 
 
+def test_newcomers_fill_the_holes_of_rows_that_left_and_no_row_moves() -> None:
+    """A row's solver state is large (an Anderson history), so rows stay where they are: a
+    newcomer takes the place of a row that left, and only holes nobody filled are closed, by
+    moving the last rows in."""
+    model = tiny_model("fpn")
+
+    async def scenario() -> None:
+        engine = make_engine(model)
+        x = inputs(1, 3)
+        # Rows 0..3: strict, loose, strict, loose (max_iter 2 stops the loose ones).
+        for max_iter in (200, 2, 200, 2):
+            engine.submit(WorkItem(x, 1e-12, max_iter, "anderson"))
+        step(engine)
+        (pool,) = engine._pools.values()
+        strict_rows = [pool.owners[0], pool.owners[2]]
+        holes_at_compaction = []
+        compact = pool.compact
+
+        def counting_compact() -> None:
+            holes_at_compaction.append(len(pool.holes))
+            compact()
+
+        pool.compact = counting_compact  # type: ignore[method-assign]
+        step(engine)  # the loose rows 1 and 3 leave: 3 shrinks the pool, 1 is a hole
+        assert pool.size == 3 and pool.holes == [1]
+        newcomer = engine.submit(WorkItem(x, 1e-12, 200, "anderson"))
+        step(engine)  # the newcomer takes the hole; the strict rows have not moved
+        assert holes_at_compaction[-1] == 0 and pool.holes == []
+        assert pool.owners[0] is strict_rows[0]
+        assert pool.owners[2] is strict_rows[1] and pool.owners[1][0].item.future is newcomer
+        for future in [newcomer, *(o[0].item.future for o in strict_rows)]:
+            future.cancel()  # rows 0, 1, 2 leave at the next iteration
+        engine.submit(WorkItem(inputs(2, 4), 1e-12, 200, "anderson"))
+        step(engine)  # two newcomers join at rows 3 and 4, then rows 0, 1, 2 leave
+        assert pool.size == 5 and pool.holes == [0, 1, 2]
+        survivors = pool.owners[3:]
+        step(engine)  # no newcomer: the holes are closed by the last rows before the step
+        assert holes_at_compaction[-1] == 3
+        assert pool.size == 2 and pool.holes == [] and pool.owners == survivors
+
+    asyncio.run(scenario())
+
+
 def test_a_cancelled_request_leaves_the_solve_at_the_next_iteration() -> None:
     model = tiny_model("fpn")
 
