@@ -25,7 +25,12 @@ import typer
 import uvicorn
 from pydantic import ValidationError
 
-from .listeners import close_without_reset, duplicate_listeners
+from .listeners import (
+    HANDSHAKE_SECONDS,
+    close_without_reset,
+    duplicate_listeners,
+    refuse_new_connections,
+)
 
 if TYPE_CHECKING:
     from .app import Drain
@@ -89,14 +94,16 @@ class DrainingServer(uvicorn.Server):
         get a moment to deliver their request: uvicorn would close a connection with no request
         yet at once, cutting a request already on its way."""
         if self._drain_started is not None:
-            accepted: list[socket.socket] = []
+            listeners: list[socket.socket] = []  # uvicorn's servers hold any `sockets` too
             for server in self.servers:
-                listeners = duplicate_listeners(server.sockets)
+                listeners += duplicate_listeners(server.sockets)
                 server.close()  # asyncio stops accepting; the duplicates keep the ports open
-                for listener in listeners:
-                    accepted += close_without_reset(listener)
-            for sock in sockets or []:
-                accepted += close_without_reset(sock)
+            filtered = [refuse_new_connections(listener) for listener in listeners]
+            if any(filtered):
+                await asyncio.sleep(HANDSHAKE_SECONDS)  # handshakes under way complete
+            accepted: list[socket.socket] = []
+            for listener, refused in zip(listeners, filtered, strict=True):
+                accepted += close_without_reset(listener, plug=not refused)
             loop = asyncio.get_running_loop()
             for connection in accepted:
                 await loop.connect_accepted_socket(self._new_connection, connection)

@@ -2,23 +2,29 @@
 
 Closing a listening socket resets every connection still waiting in its accept queue. A client
 whose handshake completed just before has already sent its request, and reads a reset: a request
-lost although the server never refused it. To close cleanly, the listener first shrinks its
-backlog so that a single queued connection fills it, hands every queued connection to the server,
-then fills the one free place with a connection of its own (the plug), so that no client's
-handshake can complete any more; only then does it close, resetting only the plug. A client that
-comes later has its SYN dropped and, on retrying, finds the port closed: its request was never
-sent.
+lost although the server never refused it. To close cleanly:
 
-Linux semantics: the accept queue is full when it holds more than ``backlog`` connections, and a
-full queue drops new SYNs (``net.ipv4.tcp_abort_on_overflow=0``, the default).
+1. :func:`refuse_new_connections` attaches a socket filter that drops new SYNs (Linux), so no
+   handshake starts while the handshakes under way still complete; a client that comes later
+   has its SYN dropped and, on retrying, finds the port closed: its request was never sent;
+2. after a moment for those handshakes, :func:`close_without_reset` takes every queued
+   connection, to be served, and closes.
+
+Without socket filters, :func:`close_without_reset` shrinks the backlog so that one queued
+connection fills it and fills the last place with a connection of its own (the plug), so that
+no further handshake completes (a full queue drops SYNs); one started just before the plug may
+still be cut, which the filter avoids.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import logging
 import os
 import socket
+import struct
+import sys
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -29,6 +35,12 @@ PLUG_TIMEOUT_SECONDS = 0.05
 is full (then its SYN is dropped and it tries again after taking what is queued)."""
 
 MAX_PLUG_TRIES = 50
+
+HANDSHAKE_SECONDS = 0.05
+"""After :func:`refuse_new_connections`: how long the handshakes under way get to complete (on
+loopback or a LAN they take well under a millisecond; the kernel answers them, not the app)."""
+
+TCP = (socket.AF_INET, socket.AF_INET6)
 
 
 class _Descriptor(Protocol):
@@ -41,28 +53,55 @@ def duplicate_listeners(listeners: Iterable[_Descriptor]) -> list[socket.socket]
     return [socket.socket(fileno=os.dup(listener.fileno())) for listener in listeners]
 
 
-def close_without_reset(listener: socket.socket) -> list[socket.socket]:
+SO_ATTACH_FILTER = 26  # Linux, <asm-generic/socket.h>
+DROP_SYN = (  # classic BPF over the TCP header: drop a segment with SYN and without ACK
+    (0x30, 0, 0, 13),  # ldb [13]            the flags byte
+    (0x45, 0, 2, 0x02),  # jset #SYN, next, accept
+    (0x45, 1, 0, 0x10),  # jset #ACK, accept, drop
+    (0x06, 0, 0, 0),  # drop: ret #0
+    (0x06, 0, 0, 0xFFFFFFFF),  # accept: ret #-1
+)
+
+
+def refuse_new_connections(listener: socket.socket) -> bool:
+    """Drop new SYNs at ``listener`` from now on; handshakes under way still complete. False
+    where socket filters are not available (then :func:`close_without_reset` plugs)."""
+    if not sys.platform.startswith("linux") or listener.family not in TCP:
+        return False
+    program = b"".join(struct.pack("HBBI", *instruction) for instruction in DROP_SYN)
+    buffer = ctypes.create_string_buffer(program)
+    fprog = struct.pack("HL", len(DROP_SYN), ctypes.addressof(buffer))
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    except OSError as exc:
+        log.debug("no socket filter on the listener: %s", exc)
+        return False
+    return True
+
+
+def close_without_reset(listener: socket.socket, *, plug: bool = True) -> list[socket.socket]:
     """Close ``listener`` and return every connection the kernel had completed on it, to be
-    served. Only TCP listeners are plugged; others are emptied, then closed."""
+    served. ``plug``: fill the queue first (TCP listeners only; not needed, and not possible,
+    once :func:`refuse_new_connections` holds)."""
     listener.setblocking(False)
     accepted: list[socket.socket] = []
-    plug = None
+    plug_socket = None
     try:
-        if listener.family in (socket.AF_INET, socket.AF_INET6):
+        if plug and listener.family in TCP:
             listener.listen(0)  # from now on one queued connection fills the queue
             for _ in range(MAX_PLUG_TRIES):
                 accepted += _accept_queued(listener)
-                plug = _plug(listener)
-                if plug is not None:
+                plug_socket = _plug(listener)
+                if plug_socket is not None:
                     break
             else:
                 log.warning("could not plug the listener; a connection may be reset")
-        if plug is None:
+        if plug_socket is None:
             accepted += _accept_queued(listener)
     finally:
         listener.close()
-        if plug is not None:
-            plug.close()
+        if plug_socket is not None:
+            plug_socket.close()
     return accepted
 
 

@@ -4,10 +4,11 @@ handed to the server with their requests, not reset; later ones are refused befo
 from __future__ import annotations
 
 import socket
+import sys
 
 import pytest
 
-from service.listeners import close_without_reset
+from service.listeners import close_without_reset, refuse_new_connections
 
 REQUEST = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -58,3 +59,20 @@ def test_after_the_close_new_connections_are_refused(listener: socket.socket) ->
     assert close_without_reset(listener) == []
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(address, timeout=5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="socket filters are Linux's")
+def test_refusing_new_connections_drops_syns_and_keeps_the_queue(listener: socket.socket) -> None:
+    """After refuse_new_connections no handshake completes (a full accept queue or a reset would
+    both be detectable: the client just waits), while queued connections are still handed over."""
+    clients = queued_clients(listener, 3)
+    assert refuse_new_connections(listener)
+    late = socket.socket()
+    late.settimeout(0.3)
+    with pytest.raises(TimeoutError):  # its SYN is dropped: it would retry, then be refused
+        late.connect(listener.getsockname())
+    late.close()
+    accepted = close_without_reset(listener, plug=False)
+    assert len(accepted) == len(clients)
+    for sock in accepted + clients:
+        sock.close()
