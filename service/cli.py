@@ -98,12 +98,9 @@ class DrainingServer(uvicorn.Server):
             for server in self.servers:
                 listeners += duplicate_listeners(server.sockets)
                 server.close()  # asyncio stops accepting; the duplicates keep the ports open
-            filtered = [refuse_new_connections(listener) for listener in listeners]
-            if any(filtered):
+            if any([refuse_new_connections(listener) for listener in listeners]):
                 await asyncio.sleep(HANDSHAKE_SECONDS)  # handshakes under way complete
-            accepted: list[socket.socket] = []
-            for listener, refused in zip(listeners, filtered, strict=True):
-                accepted += close_without_reset(listener, plug=not refused)
+            accepted = [c for listener in listeners for c in close_without_reset(listener)]
             loop = asyncio.get_running_loop()
             for connection in accepted:
                 await loop.connect_accepted_socket(self._new_connection, connection)

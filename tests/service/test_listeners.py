@@ -72,7 +72,7 @@ def test_refusing_new_connections_drops_syns_and_keeps_the_queue(listener: socke
     with pytest.raises(TimeoutError):  # its SYN is dropped: it would retry, then be refused
         late.connect(listener.getsockname())
     late.close()
-    accepted = close_without_reset(listener, plug=False)
+    accepted = close_without_reset(listener)
     assert len(accepted) == len(clients)
     for sock in accepted + clients:
         sock.close()
